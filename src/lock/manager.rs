@@ -1,0 +1,292 @@
+//! The async lock manager: a cheap, cloneable handle around the [`LockTable`] behind one std
+//! `Mutex`, plus the session handle.
+//!
+//! The mutex is never held across an `.await`: a call locks, runs the table to completion
+//! (microseconds), unlocks, then wakes the callers whose waiting requests concluded. A waiting
+//! `acquire` awaits a `oneshot` outside the lock and, once woken (or at its deadline), locks again
+//! to collect its outcome from the table. Because the outcome is collected under the lock, a
+//! grant and a timeout can never both happen: whichever the table saw first wins.
+//!
+//! Cancellation safety: a waiting `acquire` owns a [`PendingRequest`] guard. If the future is
+//! dropped before it collected its outcome, the guard withdraws the request from the table,
+//! releasing whatever it had acquired (even a grant that had just arrived), so nothing leaks.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+use super::error::LockError;
+use super::snapshot::Snapshot;
+use super::table::{Acquired, LockTable};
+use super::types::{FencingToken, Grant, Key, LockMode, SessionId};
+
+/// Settings of a [`LockManager`].
+#[derive(Clone, Debug)]
+pub struct LockManagerConfig {
+    /// Largest number of distinct keys one `acquire` may name (`InvalidRequest` above it).
+    pub max_keys_per_request: usize,
+}
+
+impl Default for LockManagerConfig {
+    fn default() -> Self {
+        LockManagerConfig {
+            max_keys_per_request: 1024,
+        }
+    }
+}
+
+/// The lock manager. Cloning it is cheap; all clones share one table.
+#[derive(Clone)]
+pub struct LockManager {
+    shared: Arc<Mutex<State>>,
+}
+
+/// Everything behind the mutex.
+struct State {
+    table: LockTable,
+    /// How to wake the caller of each waiting request.
+    wakers: HashMap<SessionId, oneshot::Sender<()>>,
+}
+
+impl State {
+    /// Takes the wakers of every request the table concluded; the caller sends them after
+    /// unlocking.
+    fn concluded_wakers(&mut self) -> Wakers {
+        let mut wakers = Vec::new();
+        for session in self.table.take_concluded() {
+            if let Some(waker) = self.wakers.remove(&session) {
+                wakers.push(waker);
+            }
+        }
+        Wakers(wakers)
+    }
+}
+
+/// Wakers to send once the mutex is released.
+struct Wakers(Vec<oneshot::Sender<()>>);
+
+impl Wakers {
+    fn wake(self) {
+        for waker in self.0 {
+            // The receiver may be gone (its future was dropped); its guard cleans up.
+            let _ = waker.send(());
+        }
+    }
+}
+
+impl LockManager {
+    /// A manager with an empty table.
+    pub fn new(config: LockManagerConfig) -> Self {
+        LockManager {
+            shared: Arc::new(Mutex::new(State {
+                table: LockTable::new(config.max_keys_per_request),
+                wakers: HashMap::new(),
+            })),
+        }
+    }
+
+    /// Opens a session. Dropping the returned handle closes it.
+    pub fn open_session(&self) -> Session {
+        let id = self.lock().table.open_session();
+        Session {
+            id,
+            manager: self.clone(),
+        }
+    }
+
+    /// Acquires `keys` (deduplicated, in sorted order) in `mode`, waiting until `deadline`
+    /// (`None`: no limit; a deadline not in the future: a try-lock that never waits).
+    ///
+    /// # Errors
+    /// `Deadlock` if waiting would close a cycle (never for a try-lock), `Timeout` at the
+    /// deadline, `SessionClosed`, `Cancelled` if the session called `release_all` meanwhile,
+    /// `InvalidRequest` for an empty or oversized key list or a second concurrent request of the
+    /// same session. On every error the session holds exactly what it held before.
+    pub async fn acquire(
+        &self,
+        session: &Session,
+        keys: &[Key],
+        mode: LockMode,
+        deadline: Option<Instant>,
+    ) -> Result<Grant, LockError> {
+        let now = Instant::now();
+        let may_wait = deadline.is_none_or(|d| d > now);
+        let (started, wakers) = {
+            let mut state = self.lock();
+            let started = state
+                .table
+                .acquire(session.id, keys, mode, now.into_std(), may_wait);
+            let started = match started {
+                Ok(Acquired::Waiting) => {
+                    let (tx, rx) = oneshot::channel();
+                    state.wakers.insert(session.id, tx);
+                    Ok(Some(rx))
+                }
+                Ok(Acquired::Granted(grant)) => Err(Ok(grant)),
+                Err(error) => Err(Err(error)),
+            };
+            (started, state.concluded_wakers())
+        };
+        wakers.wake();
+        let receiver = match started {
+            Ok(Some(receiver)) => receiver,
+            Ok(None) => return Err(LockError::SessionClosed),
+            Err(outcome) => return outcome,
+        };
+        PendingRequest {
+            manager: self,
+            session: session.id,
+            receiver,
+            armed: true,
+        }
+        .wait(deadline)
+        .await
+    }
+
+    /// Releases `keys`.
+    ///
+    /// # Errors
+    /// `NotHeld` (nothing is released) if the session does not hold one of them;
+    /// `SessionClosed`; `InvalidRequest` for an empty list or while a request of the session is
+    /// in progress.
+    pub fn release(&self, session: &Session, keys: &[Key]) -> Result<(), LockError> {
+        self.with_table(|table| table.release(session.id, keys, std_now()))
+    }
+
+    /// Releases every lock of the session and withdraws its waiting request, if any (that
+    /// request fails with `Cancelled`). Does nothing on a closed session.
+    pub fn release_all(&self, session: &Session) {
+        let _closed = self.with_table(|table| table.release_all(session.id, std_now()));
+    }
+
+    /// Closes the session with this id, wherever its handle is: its waiting request fails with
+    /// `SessionClosed`, its locks are released. Returns false if it was not open.
+    pub fn close_session(&self, id: SessionId) -> bool {
+        self.with_table(|table| table.close_session(id, std_now()))
+    }
+
+    /// The mode and fencing token under which the session holds `key`, if it does.
+    pub fn held_mode(&self, session: &Session, key: &Key) -> Option<(LockMode, FencingToken)> {
+        self.lock().table.held_mode(session.id, key)
+    }
+
+    /// Every key the session holds, sorted.
+    pub fn held_keys(&self, session: &Session) -> Vec<Key> {
+        self.lock().table.held_keys(session.id)
+    }
+
+    /// The number of open sessions.
+    pub fn session_count(&self) -> usize {
+        self.lock().table.session_count()
+    }
+
+    /// A consistent picture of every held or awaited key and of the waits-for edges.
+    pub fn snapshot(&self) -> Snapshot {
+        self.lock().table.snapshot()
+    }
+
+    /// Runs `f` on the table under the lock, then wakes the requests it concluded.
+    fn with_table<T>(&self, f: impl FnOnce(&mut LockTable) -> T) -> T {
+        let (result, wakers) = {
+            let mut state = self.lock();
+            let result = f(&mut state.table);
+            (result, state.concluded_wakers())
+        };
+        wakers.wake();
+        result
+    }
+
+    /// Locks the state. A panic while the lock was held cannot leave the table half-updated in a
+    /// way that matters more than stopping would, so a poisoned lock is used as is.
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.shared.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+fn std_now() -> std::time::Instant {
+    Instant::now().into_std()
+}
+
+/// A request waiting in the table, owned by the `acquire` future. Dropping it before the outcome
+/// was collected withdraws the request (see the module documentation).
+struct PendingRequest<'a> {
+    manager: &'a LockManager,
+    session: SessionId,
+    receiver: oneshot::Receiver<()>,
+    /// False once the outcome has been collected.
+    armed: bool,
+}
+
+impl PendingRequest<'_> {
+    async fn wait(mut self, deadline: Option<Instant>) -> Result<Grant, LockError> {
+        loop {
+            let woken = match deadline {
+                Some(deadline) => tokio::time::timeout_at(deadline, &mut self.receiver)
+                    .await
+                    .is_ok(),
+                None => {
+                    let _ = (&mut self.receiver).await;
+                    true
+                }
+            };
+            let mut state = self.manager.lock();
+            let outcome = if woken {
+                state.table.take_outcome(self.session)
+            } else {
+                Some(state.table.expire(self.session, std_now()))
+            };
+            match outcome {
+                Some(outcome) => {
+                    self.armed = false;
+                    let wakers = state.concluded_wakers();
+                    drop(state);
+                    wakers.wake();
+                    return outcome;
+                }
+                None => {
+                    // Woken without an outcome (the waker was lost): wait again.
+                    let (tx, rx) = oneshot::channel();
+                    state.wakers.insert(self.session, tx);
+                    self.receiver = rx;
+                }
+            }
+        }
+    }
+}
+
+impl Drop for PendingRequest<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let session = self.session;
+        self.manager
+            .with_table(|table| table.cancel(session, std_now()));
+        self.manager.lock().wakers.remove(&session);
+    }
+}
+
+/// A session: the owner of locks. Dropping it closes it (releasing everything it holds and
+/// withdrawing what it waits for).
+pub struct Session {
+    id: SessionId,
+    manager: LockManager,
+}
+
+impl Session {
+    /// The session's id (a random v4 uuid).
+    pub fn id(&self) -> SessionId {
+        self.id
+    }
+
+    /// Closes the session now (the same as dropping it).
+    pub fn close(self) {}
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.manager.close_session(self.id);
+    }
+}
