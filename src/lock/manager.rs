@@ -155,6 +155,15 @@ impl LockManager {
         self.with_table(|table| table.release(session.id, keys, std_now()))
     }
 
+    /// Turns the session's exclusive locks on `keys` back into shared ones (keeping their
+    /// tokens); shared ones stay shared. Waiters that become compatible are granted.
+    ///
+    /// # Errors
+    /// As [`LockManager::release`].
+    pub fn downgrade(&self, session: &Session, keys: &[Key]) -> Result<(), LockError> {
+        self.with_table(|table| table.downgrade(session.id, keys, std_now()))
+    }
+
     /// Releases every lock of the session and withdraws its waiting request, if any (that
     /// request fails with `Cancelled`). Does nothing on a closed session.
     pub fn release_all(&self, session: &Session) {

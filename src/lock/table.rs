@@ -301,6 +301,45 @@ impl LockTable {
         keys: &[Key],
         now: Instant,
     ) -> Result<(), LockError> {
+        for key in self.held_by(session, keys)? {
+            self.remove_holder(session, &key);
+        }
+        self.settle(now);
+        Ok(())
+    }
+
+    /// Turns the session's exclusive locks on `keys` into shared ones, keeping their fencing
+    /// tokens (no new grant happens); keys already held shared stay as they are. Waiters that
+    /// become compatible are granted at once.
+    ///
+    /// # Errors
+    /// As [`LockTable::release`]: `NotHeld` (and nothing changes) if a key is not held,
+    /// `SessionClosed`, `InvalidRequest`.
+    pub fn downgrade(
+        &mut self,
+        session: SessionId,
+        keys: &[Key],
+        now: Instant,
+    ) -> Result<(), LockError> {
+        for key in self.held_by(session, keys)? {
+            if let Some(holder) = self
+                .keys
+                .get_mut(&key)
+                .and_then(|e| e.holders.iter_mut().find(|h| h.session == session))
+            {
+                if holder.mode == LockMode::Exclusive {
+                    holder.mode = LockMode::Shared;
+                    self.dirty.push(key);
+                }
+            }
+        }
+        self.settle(now);
+        Ok(())
+    }
+
+    /// Checks that `session` may change its locks on `keys` now and holds every one of them;
+    /// returns them sorted and deduplicated.
+    fn held_by(&self, session: SessionId, keys: &[Key]) -> Result<Vec<Key>, LockError> {
         let state = self
             .sessions
             .get(&session)
@@ -324,11 +363,7 @@ impl LockTable {
         if !not_held.is_empty() {
             return Err(LockError::NotHeld { keys: not_held });
         }
-        for key in sorted {
-            self.remove_holder(session, &key);
-        }
-        self.settle(now);
-        Ok(())
+        Ok(sorted)
     }
 
     /// Releases every lock of `session`. A request still in progress is withdrawn first (its
