@@ -1,7 +1,19 @@
 //! Locksmith: a deadlock-aware lock manager service.
 //!
-//! Layout:
-//! - [`lock`]: the lock manager (lock table, queues, waits-for graph, deadlock detection, the
-//!   async manager and session handle). Knows nothing of the network.
+//! Layout (calls go down the list, never up):
+//! - [`server`]: listeners, routes, connection limit, Origin check, graceful shutdown.
+//! - [`connection`]: one WebSocket: frames in, responses out, in order; keepalive.
+//! - [`protocol`]: the JSON request/response format and its validation (no I/O).
+//! - [`session`]: one client session: carries out requests with the lock manager and the store.
+//! - [`lock`]: the lock manager (lock table, queues, waits-for graph, deadlock detection). Knows
+//!   nothing of the network.
+//! - [`store`]: where values live, behind the [`store::Store`] trait.
+//! - [`config`]: command-line and environment configuration.
 
+pub mod config;
+pub mod connection;
 pub mod lock;
+pub mod protocol;
+pub mod server;
+pub mod session;
+pub mod store;

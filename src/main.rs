@@ -1,9 +1,69 @@
-//! The `locksmith` binary.
+//! The `locksmith` binary: parses the configuration, starts the server, and shuts it down
+//! gracefully on SIGINT or SIGTERM.
 
-fn main() {
-    println!(
-        "locksmith {} — the WebSocket server (ws://localhost:8008/ws) is not built yet; \
-         the lock manager library is in src/lock/",
-        env!("CARGO_PKG_VERSION")
-    );
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Parser;
+use locksmith::config::Config;
+use locksmith::server::{self, ServerSettings};
+use locksmith::store::{MemoryStore, Store};
+use tracing_subscriber::EnvFilter;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let config = Config::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .init();
+    match run(config).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!("{error}");
+            eprintln!("locksmith: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
+    raise_open_file_limit();
+    let listeners = server::bind(&config.listen).await?;
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let server = server::start(listeners, ServerSettings::from(&config), store)?;
+    for addr in server.local_addrs() {
+        tracing::info!("listening on ws://{addr}/ws");
+    }
+    shutdown_signal().await?;
+    tracing::info!("shutting down");
+    server.shutdown().await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Each connection is a file descriptor: raise the soft limit to the hard one.
+fn raise_open_file_limit() {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => tracing::debug!(limit, "open-file limit"),
+        Err(error) => tracing::warn!(%error, "cannot raise the open-file limit"),
+    }
+}
+
+/// Resolves on SIGINT (Ctrl-C) or SIGTERM.
+async fn shutdown_signal() -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        let mut terminate =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            result = tokio::signal::ctrl_c() => result,
+            _ = terminate.recv() => Ok(()),
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        tokio::signal::ctrl_c().await
+    }
 }

@@ -1,0 +1,241 @@
+//! One WebSocket connection: frames in, requests carried out in order, responses out.
+//!
+//! The loop keeps reading the socket while a request is being carried out (a lock may wait for a
+//! long time): that is how a client that disconnects while waiting is noticed at once — its
+//! request future is dropped, which withdraws it from the lock manager, and the session is closed,
+//! which releases its locks. Requests that arrive meanwhile are queued (up to
+//! [`MAX_PIPELINED`]) and answered in order.
+//!
+//! Keepalive: when `idle_timeout` is set, the server pings a connection that has been silent for
+//! half of it and closes one that has been silent for all of it (a half-open connection never
+//! answers). Shutdown: the request in progress and every queued one are answered
+//! `shutting_down`, then the socket is closed with code 1001 (going away).
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use serde_json::Value;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::protocol::{self, Limits, Reply, ServiceError};
+use crate::session::{ClientSession, SessionContext};
+
+/// Most requests a client may send ahead of their answers; more close the connection (1008).
+pub const MAX_PIPELINED: usize = 1024;
+
+/// WebSocket close codes used by the server.
+mod close_code {
+    pub const GOING_AWAY: u16 = 1001;
+    pub const POLICY: u16 = 1008;
+    pub const TOO_BIG: u16 = 1009;
+    pub const TRY_AGAIN_LATER: u16 = 1013;
+}
+
+/// Per-connection settings.
+#[derive(Clone, Copy, Debug)]
+pub struct ConnectionSettings {
+    /// Request limits checked by the decoder.
+    pub limits: Limits,
+    /// Largest frame accepted, in bytes.
+    pub max_message_bytes: usize,
+    /// Silence after which the connection is closed (`None`: never).
+    pub idle_timeout: Option<Duration>,
+}
+
+/// A frame waiting for its turn.
+enum Incoming {
+    /// A request to decode and carry out.
+    Text(Utf8Bytes),
+    /// A frame that is answered with an error (e.g. a binary frame).
+    Rejected(ServiceError),
+}
+
+type InFlight<'a> = Pin<Box<dyn Future<Output = Result<Reply, ServiceError>> + Send + 'a>>;
+
+/// Why a connection ended, for the log.
+#[derive(Debug)]
+enum Ending {
+    ClientClosed,
+    Broken(String),
+    TooLarge,
+    TooManyPipelined,
+    Idle,
+    Shutdown,
+}
+
+/// Serves one upgraded connection until it ends. The session (and with it every lock the client
+/// held) is released before this returns.
+pub async fn serve(
+    mut socket: WebSocket,
+    peer: SocketAddr,
+    context: SessionContext,
+    settings: ConnectionSettings,
+    shutdown: CancellationToken,
+) {
+    let session = ClientSession::open(context);
+    let id = session.id();
+    tracing::info!(session = %id, %peer, "connection opened");
+    let mut served = 0u64;
+    let ending = run(&mut socket, &session, settings, &shutdown, &mut served).await;
+    drop(session);
+    match &ending {
+        Ending::Broken(error) => {
+            tracing::warn!(session = %id, %peer, served, error = %error, "connection broken")
+        }
+        _ => tracing::info!(session = %id, %peer, served, reason = ?ending, "connection closed"),
+    }
+}
+
+/// Refuses a connection over the limit: one `server_busy` answer, then close (1013).
+pub async fn refuse_busy(mut socket: WebSocket) {
+    let text = protocol::encode_error(None, &ServiceError::ServerBusy);
+    let _ = socket.send(Message::Text(text.into())).await;
+    close(&mut socket, close_code::TRY_AGAIN_LATER, "server busy").await;
+}
+
+async fn run(
+    socket: &mut WebSocket,
+    session: &ClientSession,
+    settings: ConnectionSettings,
+    shutdown: &CancellationToken,
+    served: &mut u64,
+) -> Ending {
+    let mut queued: VecDeque<Incoming> = VecDeque::new();
+    let mut in_flight: Option<(Option<Value>, InFlight<'_>)> = None;
+    let mut last_heard = Instant::now();
+    // Last time we heard from the client or pinged it: the keepalive acts after `tick` of this.
+    let mut last_poke = last_heard;
+    let tick = settings
+        .idle_timeout
+        .map(|idle| (idle / 2).max(Duration::from_millis(10)));
+    loop {
+        // Start the next request, answering at once the ones that fail to decode.
+        while in_flight.is_none() {
+            let Some(next) = queued.pop_front() else {
+                break;
+            };
+            let decoded = match next {
+                Incoming::Text(text) => protocol::decode(text.as_str(), settings.limits),
+                Incoming::Rejected(error) => Err((None, error)),
+            };
+            match decoded {
+                Ok(request) => {
+                    let id = request.id.clone();
+                    in_flight =
+                        Some((id, Box::pin(async move { session.execute(&request).await })));
+                }
+                Err((id, error)) => {
+                    *served += 1;
+                    tracing::debug!(session = %session.id(), code = error.code(), "bad request");
+                    let text = protocol::encode_error(id.as_ref(), &error);
+                    if let Err(error) = socket.send(Message::Text(text.into())).await {
+                        return Ending::Broken(error.to_string());
+                    }
+                }
+            }
+        }
+        let idle_check = async {
+            match tick {
+                Some(tick) => tokio::time::sleep_until(last_poke + tick).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            biased;
+            () = shutdown.cancelled() => {
+                let mut ids: Vec<Option<Value>> = in_flight.take().map(|(id, _)| id).into_iter().collect();
+                ids.extend(queued.drain(..).map(|incoming| match incoming {
+                    Incoming::Text(text) => protocol::decode(text.as_str(), settings.limits)
+                        .map_or_else(|(id, _)| id, |request| request.id),
+                    Incoming::Rejected(_) => None,
+                }));
+                for id in ids {
+                    let text = protocol::encode_error(id.as_ref(), &ServiceError::ShuttingDown);
+                    if socket.send(Message::Text(text.into())).await.is_err() {
+                        return Ending::Shutdown;
+                    }
+                }
+                close(socket, close_code::GOING_AWAY, "server shutting down").await;
+                return Ending::Shutdown;
+            }
+            result = async { match in_flight.as_mut() { Some((_, future)) => future.await, None => std::future::pending().await } }, if in_flight.is_some() => {
+                let id = in_flight.take().and_then(|(id, _)| id);
+                *served += 1;
+                let text = match &result {
+                    Ok(reply) => protocol::encode_reply(id.as_ref(), reply),
+                    Err(error) => protocol::encode_error(id.as_ref(), error),
+                };
+                if let Err(error) = socket.send(Message::Text(text.into())).await {
+                    return Ending::Broken(error.to_string());
+                }
+            }
+            frame = socket.recv() => {
+                last_heard = Instant::now();
+                last_poke = last_heard;
+                match frame {
+                    None | Some(Ok(Message::Close(_))) => return Ending::ClientClosed,
+                    Some(Ok(Message::Text(text))) => {
+                        if queued.len() >= MAX_PIPELINED {
+                            close(socket, close_code::POLICY, "too many pipelined requests").await;
+                            return Ending::TooManyPipelined;
+                        }
+                        queued.push_back(Incoming::Text(text));
+                    }
+                    Some(Ok(Message::Binary(_))) => queued.push_back(Incoming::Rejected(
+                        ServiceError::BadRequest("binary frames are not supported: send JSON in a text frame".into()),
+                    )),
+                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                    Some(Err(error)) => {
+                        if is_too_large(&error) {
+                            let too_large = ServiceError::TooLarge { limit: settings.max_message_bytes };
+                            let text = protocol::encode_error(None, &too_large);
+                            let _ = socket.send(Message::Text(text.into())).await;
+                            close(socket, close_code::TOO_BIG, "message too large").await;
+                            return Ending::TooLarge;
+                        }
+                        return Ending::Broken(error.to_string());
+                    }
+                }
+            }
+            () = idle_check => {
+                let Some(idle) = settings.idle_timeout else { continue };
+                if last_heard.elapsed() >= idle {
+                    close(socket, close_code::GOING_AWAY, "idle timeout").await;
+                    return Ending::Idle;
+                }
+                if socket.send(Message::Ping(Default::default())).await.is_err() {
+                    return Ending::Broken("ping failed".into());
+                }
+                last_poke = Instant::now();
+            }
+        }
+    }
+}
+
+/// Is this read error a frame or message over the size limit?
+fn is_too_large(error: &axum::Error) -> bool {
+    use std::error::Error as _;
+    let mut source: Option<&(dyn std::error::Error + 'static)> = error.source();
+    while let Some(inner) = source {
+        if let Some(tokio_tungstenite::tungstenite::Error::Capacity(_)) =
+            inner.downcast_ref::<tokio_tungstenite::tungstenite::Error>()
+        {
+            return true;
+        }
+        source = inner.source();
+    }
+    false
+}
+
+async fn close(socket: &mut WebSocket, code: u16, reason: &'static str) {
+    let frame = CloseFrame {
+        code,
+        reason: Utf8Bytes::from_static(reason),
+    };
+    let _ = socket.send(Message::Close(Some(frame))).await;
+}

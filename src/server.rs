@@ -1,0 +1,282 @@
+//! The server: listeners, the HTTP routes (`/ws`, `/healthz`), the connection limit, the
+//! `Origin` check, and graceful shutdown.
+//!
+//! Each listener runs an axum server. A WebSocket upgrade on `/ws` is refused with 403 when it
+//! carries an `Origin` header that is not allowed (so a web page cannot drive a local Locksmith
+//! through the user's browser); clients that send no `Origin` are accepted. A permit of the
+//! connection semaphore is taken before the upgrade and held by the connection task; without a
+//! permit the client gets one `server_busy` answer and a close.
+//!
+//! Shutdown: cancelling the token stops the listeners; every connection task sees it, answers
+//! `shutting_down` and closes its socket; [`RunningServer::shutdown`] returns once every
+//! connection task has finished. axum's own graceful shutdown does not wait for upgraded
+//! WebSockets, hence the `TaskTracker`.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::{ConnectInfo, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::connection::{self, ConnectionSettings};
+use crate::lock::{LockManager, LockManagerConfig};
+use crate::protocol::Limits;
+use crate::session::SessionContext;
+use crate::store::Store;
+
+/// Read buffer of one WebSocket. Requests are small; a large one grows the buffer while it is
+/// read. tungstenite's default (128 KiB per connection) would dominate the memory of idle
+/// connections.
+const READ_BUFFER_BYTES: usize = 4 * 1024;
+
+/// What the server needs to know, independent of how it was configured.
+#[derive(Clone, Debug)]
+pub struct ServerSettings {
+    /// Wait limit of requests without `timeout_ms`.
+    pub lock_timeout: Duration,
+    /// Most simultaneous WebSocket connections.
+    pub max_connections: usize,
+    /// Largest request frame in bytes.
+    pub max_message_bytes: usize,
+    /// Most keys per request.
+    pub max_keys_per_request: usize,
+    /// Silence after which a connection is closed (`None`: never).
+    pub idle_timeout: Option<Duration>,
+    /// `Origin` values allowed to connect.
+    pub allowed_origins: Vec<String>,
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        ServerSettings {
+            lock_timeout: Duration::from_secs(30),
+            max_connections: 10_000,
+            max_message_bytes: 1024 * 1024,
+            max_keys_per_request: 1024,
+            idle_timeout: Some(Duration::from_secs(60)),
+            allowed_origins: Vec::new(),
+        }
+    }
+}
+
+impl From<&Config> for ServerSettings {
+    fn from(config: &Config) -> Self {
+        ServerSettings {
+            lock_timeout: config.lock_timeout,
+            max_connections: config.max_connections,
+            max_message_bytes: config.max_message_bytes,
+            max_keys_per_request: config.max_keys_per_request,
+            idle_timeout: (!config.idle_timeout.is_zero()).then_some(config.idle_timeout),
+            allowed_origins: config.allowed_origins.clone(),
+        }
+    }
+}
+
+/// State shared by every request handler.
+struct AppState {
+    context: SessionContext,
+    connection: ConnectionSettings,
+    /// One permit per open WebSocket connection.
+    connections: Arc<Semaphore>,
+    allowed_origins: Vec<String>,
+    shutdown: CancellationToken,
+    /// Every connection task, so shutdown can wait for them.
+    tracker: TaskTracker,
+}
+
+/// A server that is running. Dropping it does not stop it; call [`RunningServer::shutdown`].
+pub struct RunningServer {
+    addrs: Vec<SocketAddr>,
+    locks: LockManager,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+    listeners: JoinSet<io::Result<()>>,
+}
+
+/// Binds every address. With no address given, binds the defaults
+/// ([`crate::config::DEFAULT_LISTEN`]), skipping (with a warning) the ones this machine cannot
+/// bind, such as `[::1]` without IPv6; it fails only if none can be bound.
+///
+/// # Errors
+/// The bind error of an explicitly given address, or of the defaults if none could be bound.
+pub async fn bind(addrs: &[SocketAddr]) -> io::Result<Vec<TcpListener>> {
+    if !addrs.is_empty() {
+        let mut listeners = Vec::with_capacity(addrs.len());
+        for addr in addrs {
+            listeners.push(
+                TcpListener::bind(addr).await.map_err(|e| {
+                    io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}"))
+                })?,
+            );
+        }
+        return Ok(listeners);
+    }
+    let mut listeners = Vec::new();
+    let mut last_error = None;
+    for addr in crate::config::DEFAULT_LISTEN {
+        match TcpListener::bind(addr).await {
+            Ok(listener) => listeners.push(listener),
+            Err(error) => {
+                tracing::warn!(%addr, %error, "cannot listen on a default address; skipping it");
+                last_error = Some(io::Error::new(
+                    error.kind(),
+                    format!("cannot listen on {addr}: {error}"),
+                ));
+            }
+        }
+    }
+    match (listeners.is_empty(), last_error) {
+        (true, Some(error)) => Err(error),
+        _ => Ok(listeners),
+    }
+}
+
+/// Starts serving on `listeners` with values in `store`.
+///
+/// # Errors
+/// If a listener's local address cannot be read.
+pub fn start(
+    listeners: Vec<TcpListener>,
+    settings: ServerSettings,
+    store: Arc<dyn Store>,
+) -> io::Result<RunningServer> {
+    let locks = LockManager::new(LockManagerConfig {
+        max_keys_per_request: settings.max_keys_per_request,
+    });
+    let shutdown = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let state = Arc::new(AppState {
+        context: SessionContext {
+            locks: locks.clone(),
+            store,
+            default_timeout: settings.lock_timeout,
+        },
+        connection: ConnectionSettings {
+            limits: Limits {
+                max_keys_per_request: settings.max_keys_per_request,
+            },
+            max_message_bytes: settings.max_message_bytes,
+            idle_timeout: settings.idle_timeout,
+        },
+        connections: Arc::new(Semaphore::new(settings.max_connections)),
+        allowed_origins: settings.allowed_origins.clone(),
+        shutdown: shutdown.clone(),
+        tracker: tracker.clone(),
+    });
+    let app = Router::new()
+        .route("/ws", get(upgrade))
+        .route("/healthz", get(|| async { "ok" }))
+        .with_state(state);
+    let mut addrs = Vec::with_capacity(listeners.len());
+    let mut tasks = JoinSet::new();
+    for listener in listeners {
+        addrs.push(listener.local_addr()?);
+        let service = app
+            .clone()
+            .into_make_service_with_connect_info::<SocketAddr>();
+        let stop = shutdown.clone().cancelled_owned();
+        tasks.spawn(async move {
+            axum::serve(listener, service)
+                .with_graceful_shutdown(stop)
+                .await
+        });
+    }
+    Ok(RunningServer {
+        addrs,
+        locks,
+        shutdown,
+        tracker,
+        listeners: tasks,
+    })
+}
+
+impl RunningServer {
+    /// The addresses actually bound (useful with port 0).
+    pub fn local_addrs(&self) -> &[SocketAddr] {
+        &self.addrs
+    }
+
+    /// The server's lock manager (for diagnostics and tests).
+    pub fn lock_manager(&self) -> &LockManager {
+        &self.locks
+    }
+
+    /// A token that starts the shutdown when cancelled.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Shuts down: stops accepting, answers waiting requests `shutting_down`, closes every
+    /// connection, and returns once all of them have finished.
+    pub async fn shutdown(mut self) {
+        self.shutdown.cancel();
+        while let Some(result) = self.listeners.join_next().await {
+            match result {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => tracing::warn!(%error, "listener failed"),
+                Err(error) => tracing::warn!(%error, "listener task failed"),
+            }
+        }
+        self.tracker.close();
+        self.tracker.wait().await;
+    }
+}
+
+async fn upgrade(
+    State(state): State<Arc<AppState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    if state.shutdown.is_cancelled() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response();
+    }
+    if let Some(origin) = headers.get(header::ORIGIN) {
+        let allowed = origin
+            .to_str()
+            .is_ok_and(|o| state.allowed_origins.iter().any(|a| a == o));
+        if !allowed {
+            tracing::warn!(%peer, ?origin, "refused a WebSocket upgrade from a foreign Origin");
+            return (StatusCode::FORBIDDEN, "origin not allowed").into_response();
+        }
+    }
+    let permit = state.connections.clone().try_acquire_owned();
+    let limit = state.connection.max_message_bytes;
+    let task = state.tracker.token();
+    upgrade
+        .max_message_size(limit)
+        .max_frame_size(limit)
+        .read_buffer_size(READ_BUFFER_BYTES)
+        .write_buffer_size(0)
+        .on_upgrade(move |socket| async move {
+            let _task = task;
+            match permit {
+                Ok(_permit) => {
+                    connection::serve(
+                        socket,
+                        peer,
+                        state.context.clone(),
+                        state.connection,
+                        state.shutdown.clone(),
+                    )
+                    .await
+                }
+                Err(_) => {
+                    tracing::warn!(%peer, "connection limit reached; refusing");
+                    connection::refuse_busy(socket).await
+                }
+            }
+        })
+}
