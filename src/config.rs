@@ -2,6 +2,7 @@
 //! environment variable named in its help.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
@@ -50,6 +51,14 @@ pub struct Config {
         value_delimiter = ','
     )]
     pub allowed_origins: Vec<String>,
+
+    /// Directory of the durable value store (created if missing; holds `locksmith.redb`).
+    #[arg(long, env = "LOCKSMITH_DATA_DIR", default_value = "./data")]
+    pub data_dir: PathBuf,
+
+    /// Keep values in memory only (lost on exit) instead of in the durable store.
+    #[arg(long, env = "LOCKSMITH_IN_MEMORY")]
+    pub in_memory: bool,
 }
 
 /// Parses `250ms`, `30s`, `2m`, or a bare number of milliseconds.
@@ -93,5 +102,7 @@ mod tests {
         let config = Config::try_parse_from(["locksmith"]).expect("defaults parse");
         assert!(config.listen.is_empty());
         assert_eq!(config.lock_timeout, Duration::from_secs(30));
+        assert_eq!(config.data_dir, PathBuf::from("./data"));
+        assert!(!config.in_memory);
     }
 }

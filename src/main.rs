@@ -1,13 +1,14 @@
 //! The `locksmith` binary: parses the configuration, starts the server, and shuts it down
 //! gracefully on SIGINT or SIGTERM.
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
 use locksmith::config::Config;
 use locksmith::server::{self, ServerSettings};
-use locksmith::store::{MemoryStore, Store};
+use locksmith::store::{MemoryStore, RedbStore, Store};
 use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
@@ -17,6 +18,7 @@ async fn main() -> ExitCode {
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
         )
+        .with_ansi(std::io::stdout().is_terminal())
         .init();
     match run(config).await {
         Ok(()) => ExitCode::SUCCESS,
@@ -31,7 +33,14 @@ async fn main() -> ExitCode {
 async fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     raise_open_file_limit();
     let listeners = server::bind(&config.listen).await?;
-    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let store: Arc<dyn Store> = if config.in_memory {
+        tracing::info!("values are kept in memory only (--in-memory): they are lost on exit");
+        Arc::new(MemoryStore::new())
+    } else {
+        let store = RedbStore::open(&config.data_dir)?;
+        tracing::info!(data_dir = %config.data_dir.display(), "values are stored durably");
+        Arc::new(store)
+    };
     let server = server::start(listeners, ServerSettings::from(&config), store)?;
     for addr in server.local_addrs() {
         tracing::info!("listening on ws://{addr}/ws");

@@ -1,16 +1,19 @@
 //! Where values live. The server reads and writes values only through the [`Store`] trait, under
 //! the locks the session holds; the store itself knows nothing of locks or sessions.
 //!
-//! - [`memory`]: values in a process-local map (lost on exit).
+//! - [`memory`]: values in a process-local map (lost on exit); `--in-memory`.
+//! - [`durable`]: values in an embedded redb database, group-committed; the default.
 //!
 //! Contract every implementation keeps: a `write` of several keys is atomic (a reader sees all of
 //! its values or none), and when `write` returns `Err` nothing of it was applied.
 
+pub mod durable;
 pub mod memory;
 
 use futures_util::future::BoxFuture;
 use serde_json::Value;
 
+pub use durable::RedbStore;
 pub use memory::MemoryStore;
 
 /// A failure of the value store.
