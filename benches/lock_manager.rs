@@ -1,1 +1,374 @@
-fn main() {}
+//! Criterion benchmarks of the lock manager (issue 2, section 5). Figures and the command that
+//! reproduces them are in `BENCHMARKS.md`.
+//!
+//! Run with `cargo bench --bench lock_manager` (a filter, e.g. `-- uncontended`, runs a subset).
+//!
+//! What each group measures:
+//! - `uncontended`: one exclusive key acquired and released by one session, through the async
+//!   `LockManager` (its future driven by `FutureExt::now_or_never`: an uncontended acquire is
+//!   decided under the mutex and never waits, so no executor is needed) and through the pure
+//!   `LockTable` alone. Throughput: pairs per second.
+//! - `sorted_8_keys`: one request naming 8 keys out of order (the table sorts and deduplicates
+//!   them), then the release of the 8.
+//! - `contended`: 64 tasks on a 2-worker tokio runtime over 16 keys, random modes, each doing a
+//!   fixed number of acquire/yield/release rounds with a deadline; the time for the whole batch.
+//! - `wait_and_cycle_check`: on a `LockTable` already holding 1k or 10k waiting sessions (a
+//!   random forest, or one long chain), one new request that must wait (enqueue, edges, cycle
+//!   search) and its withdrawal (`cancel`); and one request that closes a cycle (`Deadlock`).
+//! - `cycle_through`: the bare depth-first search of `WaitsForGraph::cycle_through`.
+
+use std::hint::black_box;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use futures_util::FutureExt;
+use locksmith::lock::waits_for::{SessionNode, WaitsForGraph};
+use locksmith::lock::{
+    Acquired, Key, LockError, LockManager, LockManagerConfig, LockMode, LockTable, SessionId,
+};
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+
+/// Every `LockTable` built here accepts requests this large.
+const MAX_KEYS: usize = 1024;
+
+/// Graph sizes (number of waiting sessions) for the growth benchmarks.
+const SIZES: [usize; 2] = [1_000, 10_000];
+
+fn key(i: usize) -> Key {
+    Key::from(format!("k{i:05}"))
+}
+
+// ----- a) uncontended acquire + release -----------------------------------------------------
+
+fn uncontended(c: &mut Criterion) {
+    let mut group = c.benchmark_group("uncontended");
+    group.throughput(Throughput::Elements(1));
+
+    let manager = LockManager::new(LockManagerConfig::default());
+    let session = manager.open_session();
+    let keys = [Key::from("orders/42")];
+    group.bench_function("manager_acquire_release_1_key", |b| {
+        b.iter(|| {
+            let grant = manager
+                .acquire(&session, black_box(&keys), LockMode::Exclusive, None)
+                .now_or_never()
+                .expect("an uncontended acquire never waits")
+                .expect("an uncontended acquire is granted");
+            black_box(grant);
+            manager
+                .release(&session, black_box(&keys))
+                .expect("the key is held");
+        })
+    });
+
+    let mut table = LockTable::new(MAX_KEYS);
+    let id = table.open_session();
+    let now = Instant::now();
+    group.bench_function("table_acquire_release_1_key", |b| {
+        b.iter(|| {
+            let acquired = table
+                .acquire(id, black_box(&keys), LockMode::Exclusive, now, true)
+                .expect("an uncontended acquire is granted");
+            black_box(acquired);
+            table
+                .release(id, black_box(&keys), now)
+                .expect("the key is held");
+        })
+    });
+    group.finish();
+}
+
+// ----- b) a sorted 8-key request ----------------------------------------------------------------
+
+fn sorted_8_keys(c: &mut Criterion) {
+    let mut group = c.benchmark_group("sorted_8_keys");
+    group.throughput(Throughput::Elements(1));
+    // Given out of order: the table sorts them before taking them one by one.
+    let keys: Vec<Key> = [7, 3, 5, 0, 6, 1, 4, 2].into_iter().map(key).collect();
+
+    let manager = LockManager::new(LockManagerConfig::default());
+    let session = manager.open_session();
+    group.bench_function("manager_acquire_release_8_keys", |b| {
+        b.iter(|| {
+            let grant = manager
+                .acquire(&session, black_box(&keys), LockMode::Exclusive, None)
+                .now_or_never()
+                .expect("an uncontended acquire never waits")
+                .expect("an uncontended acquire is granted");
+            black_box(grant);
+            manager
+                .release(&session, black_box(&keys))
+                .expect("the keys are held");
+        })
+    });
+
+    let mut table = LockTable::new(MAX_KEYS);
+    let id = table.open_session();
+    let now = Instant::now();
+    group.bench_function("table_acquire_release_8_keys", |b| {
+        b.iter(|| {
+            let acquired = table
+                .acquire(id, black_box(&keys), LockMode::Exclusive, now, true)
+                .expect("an uncontended acquire is granted");
+            black_box(acquired);
+            table
+                .release(id, black_box(&keys), now)
+                .expect("the keys are held");
+        })
+    });
+    group.finish();
+}
+
+// ----- c) contended mix -------------------------------------------------------------------------
+
+const TASKS: usize = 64;
+const CONTENDED_KEYS: usize = 16;
+const ROUNDS_PER_TASK: usize = 200;
+
+/// Requests made by the contended benchmark, and those that timed out (expected: none); both
+/// reported at the end.
+static CONTENDED_REQUESTS: AtomicU64 = AtomicU64::new(0);
+static CONTENDED_TIMEOUTS: AtomicU64 = AtomicU64::new(0);
+
+/// One task of the contended mix: `ROUNDS_PER_TASK` times, acquire one random key in a random
+/// mode (deadline 1 s), yield while holding it (so the other tasks on this worker run and queue
+/// up behind it), release it.
+async fn contended_task(manager: LockManager, keys: Vec<Key>, seed: u64) {
+    let session = manager.open_session();
+    let mut rng = SmallRng::seed_from_u64(seed);
+    for _ in 0..ROUNDS_PER_TASK {
+        let key = [keys[rng.random_range(0..keys.len())].clone()];
+        let mode = if rng.random_bool(0.5) {
+            LockMode::Shared
+        } else {
+            LockMode::Exclusive
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+        CONTENDED_REQUESTS.fetch_add(1, Ordering::Relaxed);
+        match manager.acquire(&session, &key, mode, Some(deadline)).await {
+            Ok(grant) => {
+                black_box(grant);
+                tokio::task::yield_now().await;
+                manager.release(&session, &key).expect("the key is held");
+            }
+            Err(LockError::Timeout { .. }) => {
+                CONTENDED_TIMEOUTS.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(other) => panic!("single-key requests cannot fail with {other:?}"),
+        }
+    }
+}
+
+fn contended(c: &mut Criterion) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a tokio runtime");
+    let keys: Vec<Key> = (0..CONTENDED_KEYS).map(key).collect();
+    let mut group = c.benchmark_group("contended");
+    group.throughput(Throughput::Elements((TASKS * ROUNDS_PER_TASK) as u64));
+    group.sample_size(20);
+    group.measurement_time(Duration::from_secs(8));
+    group.bench_function("64_tasks_16_keys_200_rounds_each", |b| {
+        b.to_async(&runtime).iter_custom(|iters| {
+            let keys = keys.clone();
+            async move {
+                let mut total = Duration::ZERO;
+                for iteration in 0..iters {
+                    let manager = LockManager::new(LockManagerConfig::default());
+                    let start = Instant::now();
+                    let tasks: Vec<_> = (0..TASKS)
+                        .map(|t| {
+                            let seed = iteration * TASKS as u64 + t as u64;
+                            tokio::spawn(contended_task(manager.clone(), keys.clone(), seed))
+                        })
+                        .collect();
+                    for task in tasks {
+                        task.await.expect("a contended task panicked");
+                    }
+                    total += start.elapsed();
+                    assert!(
+                        manager.snapshot().keys.is_empty(),
+                        "every lock is free at the end"
+                    );
+                }
+                total
+            }
+        })
+    });
+    group.finish();
+    let requests = CONTENDED_REQUESTS.load(Ordering::Relaxed);
+    if requests > 0 {
+        eprintln!(
+            "contended: {} of {requests} requests timed out (deadline 1 s)",
+            CONTENDED_TIMEOUTS.load(Ordering::Relaxed)
+        );
+    }
+}
+
+// ----- d) wait + cycle check as the graph grows --------------------------------------------------
+
+/// A table with `waiting + 1` sessions; session `i` holds `key(i)` exclusively.
+fn holders(waiting: usize, now: Instant) -> (LockTable, Vec<SessionId>) {
+    let mut table = LockTable::new(MAX_KEYS);
+    let sessions: Vec<SessionId> = (0..=waiting).map(|_| table.open_session()).collect();
+    for (i, &s) in sessions.iter().enumerate() {
+        let acquired = table.acquire(s, &[key(i)], LockMode::Exclusive, now, true);
+        assert!(matches!(acquired, Ok(Acquired::Granted(_))));
+    }
+    (table, sessions)
+}
+
+/// A random forest (a random recursive tree): session 0 holds `key(0)` and runs; every session
+/// `i >= 1` holds `key(i)` and waits for `key(p)` with `p` uniform in `0..i`, so it waits for the
+/// holder `p` and for the earlier waiters on `key(p)`. Depth is about ln(waiting).
+fn random_forest(waiting: usize, now: Instant) -> (LockTable, Vec<SessionId>) {
+    let (mut table, sessions) = holders(waiting, now);
+    let mut rng = SmallRng::seed_from_u64(7);
+    for (i, &session) in sessions.iter().enumerate().skip(1) {
+        let parent = rng.random_range(0..i);
+        let acquired = table.acquire(session, &[key(parent)], LockMode::Exclusive, now, true);
+        assert!(matches!(acquired, Ok(Acquired::Waiting)));
+    }
+    (table, sessions)
+}
+
+/// A chain: session `i` holds `key(i)` and waits for `key(i + 1)`, for `i` in `0..waiting`;
+/// the last session holds its key and runs. Built from the tail so each check is short.
+fn chain(waiting: usize, now: Instant) -> (LockTable, Vec<SessionId>) {
+    let (mut table, sessions) = holders(waiting, now);
+    for (i, &session) in sessions.iter().enumerate().take(waiting) {
+        let acquired = table.acquire(session, &[key(i + 1)], LockMode::Exclusive, now, true);
+        assert!(matches!(acquired, Ok(Acquired::Waiting)));
+    }
+    (table, sessions)
+}
+
+/// Measures a request of `requester` for each key of `targets` in turn (cycling) that must wait,
+/// then its withdrawal.
+fn bench_wait_cancel(
+    b: &mut criterion::Bencher<'_>,
+    table: &mut LockTable,
+    requester: SessionId,
+    targets: &[[Key; 1]],
+    now: Instant,
+) {
+    for target in targets {
+        let acquired = table.acquire(requester, target, LockMode::Exclusive, now, true);
+        assert!(matches!(acquired, Ok(Acquired::Waiting)));
+        table.cancel(requester, now);
+    }
+    let mut next = targets.iter().cycle();
+    b.iter(|| {
+        let target = next.next().expect("targets is not empty");
+        let acquired = table.acquire(requester, black_box(target), LockMode::Exclusive, now, true);
+        black_box(acquired.is_ok());
+        table.cancel(requester, now);
+    })
+}
+
+/// Measures a request of `requester` for each key of `targets` in turn that closes a cycle: it
+/// fails with `Deadlock` at once and leaves the table as it was.
+fn bench_deadlock(
+    b: &mut criterion::Bencher<'_>,
+    table: &mut LockTable,
+    requester: SessionId,
+    targets: &[[Key; 1]],
+    now: Instant,
+) {
+    for target in targets {
+        let acquired = table.acquire(requester, target, LockMode::Exclusive, now, true);
+        assert!(matches!(acquired, Err(LockError::Deadlock { .. })));
+    }
+    let mut next = targets.iter().cycle();
+    b.iter(|| {
+        let target = next.next().expect("targets is not empty");
+        black_box(table.acquire(requester, black_box(target), LockMode::Exclusive, now, true))
+    })
+}
+
+fn wait_and_cycle_check(c: &mut Criterion) {
+    let mut group = c.benchmark_group("wait_and_cycle_check");
+    let now = Instant::now();
+    for waiting in SIZES {
+        // Random forest: a fresh session waits on a random key (its holder and the waiters ahead
+        // of it are reachable, and from them every ancestor up to the root).
+        let (mut table, sessions) = random_forest(waiting, now);
+        let probe = table.open_session();
+        let mut rng = SmallRng::seed_from_u64(11);
+        let targets: Vec<[Key; 1]> = (0..1024)
+            .map(|_| [key(rng.random_range(0..=waiting))])
+            .collect();
+        group.bench_function(
+            BenchmarkId::new("random_forest_wait_cancel", waiting),
+            |b| bench_wait_cancel(b, &mut table, probe, &targets, now),
+        );
+        // The root requests a key of a random waiting session: every waiting session leads back
+        // to the root, so this closes a cycle.
+        let targets: Vec<[Key; 1]> = (0..1024)
+            .map(|_| [key(rng.random_range(1..=waiting))])
+            .collect();
+        group.bench_function(BenchmarkId::new("random_forest_deadlock", waiting), |b| {
+            bench_deadlock(b, &mut table, sessions[0], &targets, now)
+        });
+        drop(table);
+
+        // Long chain s0 -> s1 -> ... -> sN.
+        let (mut table, sessions) = chain(waiting, now);
+        let probe = table.open_session();
+        // Waiting on the head: the whole chain is reachable, the search visits all of it.
+        group.bench_function(
+            BenchmarkId::new("chain_wait_on_head_cancel", waiting),
+            |b| bench_wait_cancel(b, &mut table, probe, &[[key(0)]], now),
+        );
+        // Waiting on the tail (the running session): one node reachable, however long the chain.
+        group.bench_function(
+            BenchmarkId::new("chain_wait_on_tail_cancel", waiting),
+            |b| bench_wait_cancel(b, &mut table, probe, &[[key(waiting)]], now),
+        );
+        // The tail requests the head's key: a cycle through all N + 1 sessions.
+        group.bench_function(BenchmarkId::new("chain_closing_deadlock", waiting), |b| {
+            bench_deadlock(b, &mut table, sessions[waiting], &[[key(0)]], now)
+        });
+    }
+    group.finish();
+}
+
+// ----- the bare cycle search ----------------------------------------------------------------------
+
+fn cycle_through(c: &mut Criterion) {
+    let mut group = c.benchmark_group("cycle_through");
+    for waiting in SIZES {
+        // A chain 0 -> 1 -> ... -> N with no back edge: the search from 0 visits N + 1 nodes.
+        let mut graph = WaitsForGraph::default();
+        let nodes: Vec<SessionNode> = (0..=waiting)
+            .map(|_| graph.add_session(SessionId::new_random()))
+            .collect();
+        for pair in nodes.windows(2) {
+            graph.set_waits_for(pair[0], &[pair[1]]);
+        }
+        group.throughput(Throughput::Elements(waiting as u64 + 1));
+        group.bench_function(
+            BenchmarkId::new("chain_from_head_nodes_visited", waiting),
+            |b| b.iter(|| black_box(graph.cycle_through(black_box(nodes[0])))),
+        );
+    }
+    group.finish();
+}
+
+fn config() -> Criterion {
+    Criterion::default()
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3))
+        .sample_size(50)
+}
+
+criterion_group! {
+    name = benches;
+    config = config();
+    targets = uncontended, sorted_8_keys, contended, wait_and_cycle_check, cycle_through
+}
+criterion_main!(benches);
