@@ -22,6 +22,7 @@ use axum::extract::{ConnectInfo, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use axum::serve::ListenerExt;
 use axum::Router;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -187,6 +188,16 @@ pub fn start(
             .clone()
             .into_make_service_with_connect_info::<SocketAddr>();
         let stop = shutdown.clone().cancelled_owned();
+        // TCP_NODELAY: answers are small frames written back to back (pipelined answers, an
+        // error answer followed by a close frame). With Nagle's algorithm a frame written while
+        // the previous one is unacknowledged is held back; if the connection is then dropped
+        // with unread input (an oversized frame), the kernel resets it and the held-back close
+        // frame is lost.
+        let listener = listener.tap_io(|tcp| {
+            if let Err(error) = tcp.set_nodelay(true) {
+                tracing::debug!(%error, "cannot set TCP_NODELAY");
+            }
+        });
         tasks.spawn(async move {
             axum::serve(listener, service)
                 .with_graceful_shutdown(stop)
