@@ -10,6 +10,10 @@
 //! half of it and closes one that has been silent for all of it (a half-open connection never
 //! answers). Shutdown: the request in progress and every queued one are answered
 //! `shutting_down`, then the socket is closed with code 1001 (going away).
+//!
+//! Frames the server cannot take end the connection with the matching close code: over the size
+//! limit 1009 (after a `too_large` answer), a text frame that is not UTF-8 1007 (after a
+//! `bad_request` answer), broken WebSocket framing 1002.
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -31,6 +35,8 @@ pub const MAX_PIPELINED: usize = 1024;
 /// WebSocket close codes used by the server.
 mod close_code {
     pub const GOING_AWAY: u16 = 1001;
+    pub const PROTOCOL_ERROR: u16 = 1002;
+    pub const INVALID_DATA: u16 = 1007;
     pub const POLICY: u16 = 1008;
     pub const TOO_BIG: u16 = 1009;
     pub const TRY_AGAIN_LATER: u16 = 1013;
@@ -63,6 +69,8 @@ enum Ending {
     ClientClosed,
     Broken(String),
     TooLarge,
+    NotUtf8,
+    ProtocolViolation(String),
     TooManyPipelined,
     Idle,
     Shutdown,
@@ -86,6 +94,9 @@ pub async fn serve(
     match &ending {
         Ending::Broken(error) => {
             tracing::warn!(session = %id, %peer, served, error = %error, "connection broken")
+        }
+        Ending::ProtocolViolation(error) => {
+            tracing::warn!(session = %id, %peer, served, error = %error, "WebSocket protocol violation")
         }
         _ => tracing::info!(session = %id, %peer, served, reason = ?ending, "connection closed"),
     }
@@ -190,16 +201,27 @@ async fn run(
                         ServiceError::BadRequest("binary frames are not supported: send JSON in a text frame".into()),
                     )),
                     Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
-                    Some(Err(error)) => {
-                        if is_too_large(&error) {
+                    Some(Err(error)) => match classify(&error) {
+                        ReadError::TooLarge => {
                             let too_large = ServiceError::TooLarge { limit: settings.max_message_bytes };
                             let text = protocol::encode_error(None, &too_large);
                             let _ = socket.send(Message::Text(text.into())).await;
                             close(socket, close_code::TOO_BIG, "message too large").await;
                             return Ending::TooLarge;
                         }
-                        return Ending::Broken(error.to_string());
-                    }
+                        ReadError::NotUtf8 => {
+                            let not_utf8 = ServiceError::BadRequest("a text frame must be valid UTF-8".into());
+                            let text = protocol::encode_error(None, &not_utf8);
+                            let _ = socket.send(Message::Text(text.into())).await;
+                            close(socket, close_code::INVALID_DATA, "text frame is not valid UTF-8").await;
+                            return Ending::NotUtf8;
+                        }
+                        ReadError::Protocol => {
+                            close(socket, close_code::PROTOCOL_ERROR, "WebSocket protocol violation").await;
+                            return Ending::ProtocolViolation(error.to_string());
+                        }
+                        ReadError::Broken => return Ending::Broken(error.to_string()),
+                    },
                 }
             }
             () = idle_check => {
@@ -217,19 +239,38 @@ async fn run(
     }
 }
 
-/// Is this read error a frame or message over the size limit?
-fn is_too_large(error: &axum::Error) -> bool {
+/// What a read error says about the client.
+enum ReadError {
+    /// A frame or message over the size limit: answer `too_large`, close 1009.
+    TooLarge,
+    /// A text frame that is not UTF-8. RFC 6455 (8.1) requires failing the connection: answer
+    /// `bad_request`, close 1007.
+    NotUtf8,
+    /// Bytes that break the WebSocket framing (unmasked frame, reserved bits, bad opcode, ...):
+    /// close 1002, so the client learns why instead of seeing the connection simply vanish.
+    Protocol,
+    /// The connection broke (reset, end of stream without a close frame, I/O error).
+    Broken,
+}
+
+fn classify(error: &axum::Error) -> ReadError {
     use std::error::Error as _;
+    use tokio_tungstenite::tungstenite::error::ProtocolError;
+    use tokio_tungstenite::tungstenite::Error as WsError;
     let mut source: Option<&(dyn std::error::Error + 'static)> = error.source();
     while let Some(inner) = source {
-        if let Some(tokio_tungstenite::tungstenite::Error::Capacity(_)) =
-            inner.downcast_ref::<tokio_tungstenite::tungstenite::Error>()
-        {
-            return true;
+        match inner.downcast_ref::<WsError>() {
+            Some(WsError::Capacity(_)) => return ReadError::TooLarge,
+            Some(WsError::Utf8(_)) => return ReadError::NotUtf8,
+            Some(WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake)) => {
+                return ReadError::Broken
+            }
+            Some(WsError::Protocol(_)) => return ReadError::Protocol,
+            Some(_) => return ReadError::Broken,
+            None => source = inner.source(),
         }
-        source = inner.source();
     }
-    false
+    ReadError::Broken
 }
 
 async fn close(socket: &mut WebSocket, code: u16, reason: &'static str) {

@@ -8,6 +8,8 @@ use futures_util::{SinkExt, StreamExt};
 use locksmith::server::ServerSettings;
 use serde_json::{json, Value};
 use tokio::io::AsyncWriteExt;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+use tokio_tungstenite::tungstenite::protocol::frame::Frame;
 use tokio_tungstenite::tungstenite::Message;
 use wire::{settings, start, Client, Server};
 
@@ -184,6 +186,89 @@ async fn an_oversized_frame_is_answered_too_large_then_closed_with_1009() {
     assert_eq!(binary.recv().await["code"], json!("too_large"));
     assert_eq!(binary.close_code().await, Some(1009));
 
+    still_serving(&server).await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_message_over_the_limit_in_small_fragments_is_answered_too_large_then_closed_with_1009() {
+    let server = start(ServerSettings {
+        max_message_bytes: 1024,
+        ..settings()
+    })
+    .await;
+    let mut client = server.connect().await;
+    // Five fragments of 400 bytes: each frame is under the limit, the message is not.
+    for i in 0..5 {
+        let opcode = if i == 0 {
+            OpCode::Data(Data::Text)
+        } else {
+            OpCode::Data(Data::Continue)
+        };
+        let frame = Frame::message(vec![b' '; 400], opcode, i == 4);
+        if client.ws.send(Message::Frame(frame)).await.is_err() {
+            break; // the server may close before the last fragment
+        }
+    }
+    assert_eq!(client.recv().await["code"], json!("too_large"));
+    assert_eq!(client.close_code().await, Some(1009));
+    still_serving(&server).await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_text_frame_that_is_not_utf8_is_answered_bad_request_then_closed_with_1007() {
+    let server = start(settings()).await;
+    let mut client = server.connect().await;
+    let session = client.session.clone();
+    client.lock(&["k"], "write").await;
+    let frame = Frame::message(vec![b'{', 0xff, 0xfe, b'}'], OpCode::Data(Data::Text), true);
+    client
+        .ws
+        .send(Message::Frame(frame))
+        .await
+        .expect("send a raw frame");
+    let answer = client.recv().await;
+    assert_eq!(answer["code"], json!("bad_request"), "{answer}");
+    // RFC 6455 (8.1): invalid UTF-8 in a text frame fails the connection, close code 1007.
+    assert_eq!(client.close_code().await, Some(1007));
+    server
+        .wait_for("the closed connection's lock is released", |s| {
+            !wire::mentions(s, &session)
+        })
+        .await;
+    still_serving(&server).await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn bytes_that_break_the_websocket_framing_are_closed_with_1002() {
+    let server = start(settings()).await;
+    for bytes in [
+        // An unmasked text frame (a client must mask).
+        vec![0x81, 0x02, b'h', b'i'],
+        // Reserved bits set.
+        vec![0xf1, 0x80, 0, 0, 0, 0],
+        // A reserved opcode.
+        vec![0x83, 0x80, 0, 0, 0, 0],
+        // A fragmented control frame (ping without FIN).
+        vec![0x09, 0x80, 0, 0, 0, 0],
+    ] {
+        let mut client = server.connect().await;
+        let session = client.session.clone();
+        client.lock(&["k"], "write").await;
+        let stream = match client.ws.get_mut() {
+            tokio_tungstenite::MaybeTlsStream::Plain(stream) => stream,
+            _ => unreachable!("plain TCP"),
+        };
+        stream.write_all(&bytes).await.expect("write raw bytes");
+        assert_eq!(client.close_code().await, Some(1002), "{bytes:?}");
+        server
+            .wait_for("the closed connection's lock is released", |s| {
+                !wire::mentions(s, &session)
+            })
+            .await;
+    }
     still_serving(&server).await;
     server.stop().await;
 }
