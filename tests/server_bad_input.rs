@@ -60,6 +60,15 @@ async fn malformed_json_is_a_bad_request_and_the_connection_stays_open() {
     ] {
         rejected(&mut client, text, "bad_request").await;
     }
+    // Nesting deep enough to overflow a naive recursive parser.
+    let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+    rejected(&mut client, &deep, "bad_request").await;
+    let deep_id = format!(
+        r#"{{"command":"ping","id":{}{}}}"#,
+        "{\"a\":".repeat(50_000),
+        "}".repeat(50_000)
+    );
+    rejected(&mut client, &deep_id, "bad_request").await;
     assert!(server.snapshot().is_empty());
     still_serving(&server).await;
     server.stop().await;
@@ -426,6 +435,39 @@ async fn thousands_of_connections_opening_and_closing_leave_the_server_serving()
     drop(keeper);
     server.wait_idle().await;
     // The stream of the keeper is gone too; nothing else to read.
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn more_pipelined_requests_than_the_server_queues_close_the_connection_with_1008() {
+    let server = start(settings()).await;
+    let mut holder = server.connect().await;
+    holder.lock(&["k"], "write").await;
+    let mut flood = server.connect().await;
+    let session = flood.session.clone();
+    // The first request waits, so everything behind it stays queued on the server.
+    flood
+        .send(json!({"command": "lock", "keys": ["k"], "id": "head"}))
+        .await;
+    server.wait_queued(&session, "k").await;
+    let limit = locksmith::connection::MAX_PIPELINED;
+    for i in 0..limit + 100 {
+        let frame = Message::text(json!({"command": "ping", "id": i}).to_string());
+        if flood.ws.feed(frame).await.is_err() {
+            break;
+        }
+    }
+    let _ = flood.ws.flush().await;
+    assert_eq!(flood.close_code().await, Some(1008));
+    // Its waiting request was withdrawn: the holder's unlock leaves k free.
+    server
+        .wait_for("the flooding session is gone", |s| {
+            !wire::mentions(s, &session)
+        })
+        .await;
+    holder.unlock(&["k"]).await;
+    assert!(server.snapshot().is_empty(), "{:?}", server.snapshot());
+    still_serving(&server).await;
     server.stop().await;
 }
 

@@ -311,6 +311,30 @@ async fn a_lock_that_times_out_names_the_key_and_keeps_nothing() {
 }
 
 #[tokio::test]
+async fn the_largest_timeout_ms_waits_and_is_granted_when_the_key_frees() {
+    let server = start(settings()).await;
+    let mut holder = server.connect().await;
+    holder.lock(&["k"], "write").await;
+    let mut client = server.connect().await;
+    for request in [
+        json!({"command": "lock", "keys": ["k"], "timeout_ms": u64::MAX, "id": 1}),
+        json!({"command": "read", "keys": ["k"], "timeout_ms": u64::MAX, "id": 2}),
+        json!({"command": "write", "keys": ["k"], "value": 1, "timeout_ms": u64::MAX, "id": 3}),
+    ] {
+        client.send(request).await;
+    }
+    server.wait_queued(&client.session, "k").await;
+    holder.unlock(&["k"]).await;
+    for id in 1..=3 {
+        let answer = client.recv().await;
+        assert_eq!(answer["id"], json!(id), "{answer}");
+        assert_eq!(answer["success"], json!(true), "{answer}");
+    }
+    wire::assert_no_server_panics();
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn a_three_key_lock_that_times_out_on_its_last_key_leaves_the_first_two_free() {
     let server = start(settings()).await;
     let mut c = server.connect().await;

@@ -170,6 +170,73 @@ async fn an_unresponsive_client_is_closed_by_the_idle_timeout_and_its_locks_rele
     server.stop().await;
 }
 
+/// Reads `client` in the background (answering the server's pings, as any reading client
+/// does) until `stop` fires; returns the client and how many pings it saw. Any other frame is a
+/// failure: the client expects no answer and no close meanwhile.
+fn keep_reading(
+    mut client: Client,
+    mut stop: tokio::sync::oneshot::Receiver<()>,
+    pings_seen: tokio::sync::mpsc::UnboundedSender<()>,
+) -> tokio::task::JoinHandle<Client> {
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = &mut stop => return client,
+                frame = futures_util::StreamExt::next(&mut client.ws) => match frame {
+                    Some(Ok(tokio_tungstenite::tungstenite::Message::Ping(_))) => {
+                        let _ = pings_seen.send(());
+                    }
+                    other => panic!("expected only pings while waiting, got {other:?}"),
+                },
+            }
+        }
+    })
+}
+
+#[tokio::test]
+async fn a_client_waiting_longer_than_the_idle_timeout_stays_queued_while_it_answers_pings() {
+    let server = start(ServerSettings {
+        idle_timeout: Some(Duration::from_secs(1)),
+        ..settings()
+    })
+    .await;
+    let mut holder = server.connect().await;
+    holder.lock(&["k"], "write").await;
+    let mut waiter = server.connect().await;
+    waiter
+        .send(json!({"command": "lock", "keys": ["k"], "id": "w"}))
+        .await;
+    server.wait_queued(&waiter.session, "k").await;
+    let waiter_session = waiter.session.clone();
+
+    let (stop_holder, holder_stop) = tokio::sync::oneshot::channel();
+    let (stop_waiter, waiter_stop) = tokio::sync::oneshot::channel();
+    let (holder_pings, _holder_pinged) = tokio::sync::mpsc::unbounded_channel();
+    let (waiter_pings, mut waiter_pinged) = tokio::sync::mpsc::unbounded_channel();
+    let holder_task = keep_reading(holder, holder_stop, holder_pings);
+    let waiter_task = keep_reading(waiter, waiter_stop, waiter_pings);
+    // Three pings to the waiter span more than a whole idle timeout of waiting.
+    for _ in 0..3 {
+        tokio::time::timeout(BOUND, waiter_pinged.recv())
+            .await
+            .expect("the server pings a waiting client")
+            .expect("reader alive");
+    }
+    assert!(
+        wire::queued(&server.snapshot(), &waiter_session, "k"),
+        "still queued after more than the idle timeout"
+    );
+    stop_holder.send(()).expect("holder reader");
+    stop_waiter.send(()).expect("waiter reader");
+    let mut holder = holder_task.await.expect("holder reader task");
+    let mut waiter = waiter_task.await.expect("waiter reader task");
+    holder.unlock(&["k"]).await;
+    let granted = waiter.recv().await;
+    assert_eq!(granted["id"], json!("w"));
+    assert_eq!(granted["success"], json!(true), "{granted}");
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn over_max_connections_a_client_gets_server_busy_then_close_1013_and_a_slot_frees_up() {
     let server = start(ServerSettings {
