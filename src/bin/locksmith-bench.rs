@@ -1,0 +1,988 @@
+//! `locksmith-bench`: a load generator for a running Locksmith server.
+//!
+//! It opens `--clients` WebSocket connections, runs one `--mix` of requests on each for
+//! `--duration` (after a `--warmup` whose requests are not counted) and prints the throughput in
+//! round trips per second and the latency of each kind of request (p50/p99/p999/max, measured
+//! from sending a request to receiving its answer, on the client). Each client sends one request
+//! and waits for its answer before sending the next (no pipelining).
+//!
+//! Mixes:
+//! - `lock-unlock`: lock one random key (write mode), unlock it. Each of the two is one round
+//!   trip; the throughput counts round trips (a lock+unlock pair is two) and also prints pairs/s.
+//! - `read`, `write`: one single-key `read` / `write` (without `hold_lock`) per round trip.
+//! - `mixed`: each step is a lock+unlock pair, a read or a write, chosen uniformly.
+//! - `deadlock`: clients work in pairs (A, B) on two keys of their own, plus one control
+//!   connection per pair. A locks k1, B locks k2, A requests k2 and the control connection polls
+//!   `locks` until A is queued on k2; then B requests k1, which closes the cycle, and the time
+//!   from sending that request to receiving its `deadlock` answer is measured. B then unlocks k2,
+//!   A gets it and unlocks both, and the round starts again.
+//! - `idle`: opens the connections, pings once on each, then stays idle (still answering the
+//!   server's keepalive pings) for the duration and reports how many are still open. With
+//!   `--server-pid` it reads the server's `VmRSS` before and after, for the memory per connection.
+//!
+//! Nothing the network can do panics the generator: failures are counted and printed.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use futures_util::{SinkExt, StreamExt};
+use locksmith::config::parse_duration;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde_json::Value;
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, Semaphore};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tokio_util::sync::CancellationToken;
+
+/// Load generator for a Locksmith server.
+#[derive(Parser, Debug, Clone)]
+#[command(version, about)]
+struct Args {
+    /// WebSocket URL of the server.
+    #[arg(long, default_value = "ws://127.0.0.1:8008/ws")]
+    url: String,
+
+    /// Client connections (for `deadlock`: two per pair, plus one control connection per pair).
+    #[arg(long, default_value_t = 50)]
+    clients: usize,
+
+    /// How long to run the mix, after the warmup (`idle`: how long to stay idle).
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    duration: Duration,
+
+    /// Time run before measuring; its requests are not counted.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    warmup: Duration,
+
+    /// Number of distinct keys the clients pick from (uniformly).
+    #[arg(long, default_value_t = 1000)]
+    keys: usize,
+
+    /// What each client does.
+    #[arg(long, value_enum, default_value_t = Mix::LockUnlock)]
+    mix: Mix,
+
+    /// Time a client keeps a lock between `lock` and `unlock`.
+    #[arg(long, default_value = "0ms", value_parser = parse_duration)]
+    hold: Duration,
+
+    /// `timeout_ms` sent with every lock/read/write request.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    lock_timeout: Duration,
+
+    /// Size in bytes of the string value of each write.
+    #[arg(long, default_value_t = 16)]
+    value_bytes: usize,
+
+    /// Connections opened at the same time while connecting.
+    #[arg(long, default_value_t = 64)]
+    connect_concurrency: usize,
+
+    /// Worker threads of the generator (1: a single-threaded runtime). The generator shares the
+    /// machine with the server; one thread leaves the other cores to the server.
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+
+    /// PID of the server process: its `VmRSS` is read from /proc before and after connecting
+    /// (idle mix) to report the memory per connection.
+    #[arg(long)]
+    server_pid: Option<u32>,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+enum Mix {
+    LockUnlock,
+    Read,
+    Write,
+    Mixed,
+    Deadlock,
+    Idle,
+}
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// Why a connection could not go on (each ends the client that saw it).
+#[derive(Debug)]
+enum Failure {
+    Connect(String),
+    Send(String),
+    Receive(String),
+    /// The server closed the connection (with its close code, if any).
+    Closed(Option<u16>),
+    /// No answer within the stall limit.
+    Stalled,
+    /// An answer that is not a JSON object.
+    Garbled(String),
+    /// An answer the mix did not expect at this point (e.g. no deadlock where one must be).
+    Unexpected(String),
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Failure::Connect(e) => write!(f, "connect failed: {e}"),
+            Failure::Send(e) => write!(f, "send failed: {e}"),
+            Failure::Receive(e) => write!(f, "receive failed: {e}"),
+            Failure::Closed(Some(code)) => write!(f, "closed by the server (code {code})"),
+            Failure::Closed(None) => write!(f, "closed by the server"),
+            Failure::Stalled => write!(f, "no answer within the stall limit"),
+            Failure::Garbled(e) => write!(f, "answer is not a JSON object: {e}"),
+            Failure::Unexpected(e) => write!(f, "unexpected answer: {e}"),
+        }
+    }
+}
+
+/// One answer from the server.
+struct Answer(serde_json::Map<String, Value>);
+
+impl Answer {
+    fn success(&self) -> bool {
+        self.0.get("success") == Some(&Value::Bool(true))
+    }
+
+    fn code(&self) -> &str {
+        self.0.get("code").and_then(Value::as_str).unwrap_or("?")
+    }
+}
+
+/// One WebSocket client, one request at a time.
+struct Client {
+    ws: Ws,
+    /// How long to wait for an answer before giving up on the connection.
+    stall: Duration,
+}
+
+impl Client {
+    async fn connect(url: &str, stall: Duration) -> Result<Client, Failure> {
+        // Small buffers: the generator may hold 10,000 connections.
+        let config = WebSocketConfig::default()
+            .read_buffer_size(4 * 1024)
+            .write_buffer_size(0);
+        let connect = tokio_tungstenite::connect_async_with_config(url, Some(config), true);
+        match tokio::time::timeout(stall, connect).await {
+            Ok(Ok((ws, _response))) => Ok(Client { ws, stall }),
+            Ok(Err(error)) => Err(Failure::Connect(error.to_string())),
+            Err(_) => Err(Failure::Connect("timed out".into())),
+        }
+    }
+
+    async fn send(&mut self, text: String) -> Result<(), Failure> {
+        self.ws
+            .send(Message::text(text))
+            .await
+            .map_err(|e| Failure::Send(e.to_string()))
+    }
+
+    /// The next answer (text frame), skipping control frames.
+    async fn receive(&mut self) -> Result<Answer, Failure> {
+        let deadline = Instant::now() + self.stall;
+        loop {
+            let frame = match tokio::time::timeout_at(deadline, self.ws.next()).await {
+                Err(_) => return Err(Failure::Stalled),
+                Ok(None) => return Err(Failure::Closed(None)),
+                Ok(Some(Err(error))) => return Err(Failure::Receive(error.to_string())),
+                Ok(Some(Ok(frame))) => frame,
+            };
+            match frame {
+                Message::Text(text) => {
+                    return match serde_json::from_str::<Value>(text.as_str()) {
+                        Ok(Value::Object(object)) => Ok(Answer(object)),
+                        Ok(other) => Err(Failure::Garbled(other.to_string())),
+                        Err(error) => Err(Failure::Garbled(error.to_string())),
+                    }
+                }
+                Message::Close(frame) => {
+                    return Err(Failure::Closed(frame.map(|f| u16::from(f.code))))
+                }
+                Message::Binary(_) => return Err(Failure::Garbled("binary frame".into())),
+                Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
+            }
+        }
+    }
+
+    /// Sends `text` and waits for its answer; also returns the round-trip time.
+    async fn call(&mut self, text: String) -> Result<(Answer, Duration), Failure> {
+        let sent = Instant::now();
+        self.send(text).await?;
+        let answer = self.receive().await?;
+        Ok((answer, sent.elapsed()))
+    }
+
+    /// Like [`Client::call`] but insists on success.
+    async fn call_ok(&mut self, what: &str, text: String) -> Result<Answer, Failure> {
+        let (answer, _) = self.call(text).await?;
+        if answer.success() {
+            Ok(answer)
+        } else {
+            Err(Failure::Unexpected(format!("{what}: {}", answer.code())))
+        }
+    }
+
+    async fn close(mut self) {
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.ws.close(None)).await;
+    }
+}
+
+/// What one client measured.
+#[derive(Default)]
+struct Stats {
+    /// Round-trip times in microseconds of successful answers, per kind of request.
+    latencies: BTreeMap<&'static str, Vec<u32>>,
+    /// Round trips completed in the measured window (successful or not).
+    round_trips: u64,
+    /// Error answers and failures, by description.
+    errors: BTreeMap<String, u64>,
+    /// When the last measured round trip ended.
+    last_end: Option<Instant>,
+}
+
+impl Stats {
+    fn merge(&mut self, other: Stats) {
+        for (op, mut samples) in other.latencies {
+            self.latencies.entry(op).or_default().append(&mut samples);
+        }
+        self.round_trips += other.round_trips;
+        for (error, count) in other.errors {
+            *self.errors.entry(error).or_default() += count;
+        }
+        self.last_end = self.last_end.max(other.last_end);
+    }
+
+    fn error(&mut self, what: String) {
+        *self.errors.entry(what).or_default() += 1;
+    }
+
+    fn record(&mut self, op: &'static str, elapsed: Duration) {
+        let micros = u32::try_from(elapsed.as_micros()).unwrap_or(u32::MAX);
+        self.latencies.entry(op).or_default().push(micros);
+    }
+}
+
+/// The measured window shared by the clients of a run.
+#[derive(Clone, Copy)]
+struct Window {
+    /// Requests started before this are warmup.
+    measure_from: Instant,
+    /// No request is started after this.
+    end: Instant,
+}
+
+/// A client of a request/response mix, with its random source.
+struct Worker {
+    client: Client,
+    rng: StdRng,
+    args: Arc<Args>,
+    stats: Stats,
+    value: String,
+}
+
+impl Worker {
+    fn key(&mut self) -> String {
+        format!("k{}", self.rng.random_range(0..self.args.keys.max(1)))
+    }
+
+    fn timeout_ms(&self) -> u128 {
+        self.args.lock_timeout.as_millis()
+    }
+
+    /// One round trip: records it if `measure`; `Ok(true)` on success, `Ok(false)` on an error
+    /// answer (counted), `Err` if the connection cannot go on.
+    async fn round_trip(
+        &mut self,
+        op: &'static str,
+        text: String,
+        measure: bool,
+    ) -> Result<bool, Failure> {
+        let (answer, elapsed) = self.client.call(text).await?;
+        if measure {
+            self.stats.round_trips += 1;
+            self.stats.last_end = Some(Instant::now());
+        }
+        if answer.success() {
+            if measure {
+                self.stats.record(op, elapsed);
+            }
+            Ok(true)
+        } else {
+            self.stats.error(format!("{op}: {}", answer.code()));
+            Ok(false)
+        }
+    }
+
+    async fn lock_unlock(&mut self, measure: bool) -> Result<(), Failure> {
+        let key = self.key();
+        let lock = format!(
+            r#"{{"command":"lock","keys":["{key}"],"mode":"write","timeout_ms":{}}}"#,
+            self.timeout_ms()
+        );
+        if !self.round_trip("lock", lock, measure).await? {
+            return Ok(());
+        }
+        if !self.args.hold.is_zero() {
+            tokio::time::sleep(self.args.hold).await;
+        }
+        let unlock = format!(r#"{{"command":"unlock","keys":["{key}"]}}"#);
+        if !self.round_trip("unlock", unlock, measure).await? {
+            // The lock would stay held for the rest of the run and skew it: stop this client.
+            return Err(Failure::Unexpected("unlock refused".into()));
+        }
+        Ok(())
+    }
+
+    async fn read(&mut self, measure: bool) -> Result<(), Failure> {
+        let key = self.key();
+        let text = format!(
+            r#"{{"command":"read","keys":["{key}"],"timeout_ms":{}}}"#,
+            self.timeout_ms()
+        );
+        self.round_trip("read", text, measure).await.map(drop)
+    }
+
+    async fn write(&mut self, measure: bool) -> Result<(), Failure> {
+        let key = self.key();
+        let text = format!(
+            r#"{{"command":"write","keys":["{key}"],"values":["{}"],"timeout_ms":{}}}"#,
+            self.value,
+            self.timeout_ms()
+        );
+        self.round_trip("write", text, measure).await.map(drop)
+    }
+
+    async fn run(mut self, window: Window) -> (Stats, Option<Client>) {
+        loop {
+            let now = Instant::now();
+            if now >= window.end {
+                return (self.stats, Some(self.client));
+            }
+            let measure = now >= window.measure_from;
+            let step = match self.args.mix {
+                Mix::LockUnlock => self.lock_unlock(measure).await,
+                Mix::Read => self.read(measure).await,
+                Mix::Write => self.write(measure).await,
+                Mix::Mixed => match self.rng.random_range(0..3u8) {
+                    0 => self.lock_unlock(measure).await,
+                    1 => self.read(measure).await,
+                    _ => self.write(measure).await,
+                },
+                Mix::Deadlock | Mix::Idle => return (self.stats, Some(self.client)),
+            };
+            if let Err(failure) = step {
+                self.stats.error(failure.to_string());
+                return (self.stats, None);
+            }
+        }
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    let runtime = if args.threads <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(args.threads)
+            .enable_all()
+            .build()
+    };
+    let runtime = match runtime {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("locksmith-bench: cannot start the runtime: {error}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("locksmith-bench: {error}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> Result<(), String> {
+    if args.clients == 0 {
+        return Err("--clients must be at least 1".into());
+    }
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) if (limit as usize) < args.clients + 64 => eprintln!(
+            "warning: the open-file limit is {limit}, too low for {} clients",
+            args.clients
+        ),
+        Ok(_) => {}
+        Err(error) => eprintln!("warning: cannot raise the open-file limit: {error}"),
+    }
+    println!(
+        "locksmith-bench: mix={:?} clients={} keys={} duration={:?} warmup={:?} hold={:?} threads={} url={}",
+        args.mix, args.clients, args.keys, args.duration, args.warmup, args.hold, args.threads, args.url
+    );
+    let args = Arc::new(args);
+    match args.mix {
+        Mix::Idle => idle(args).await,
+        Mix::Deadlock => deadlock(args).await,
+        _ => request_mix(args).await,
+    }
+}
+
+/// Stall limit of a request: its lock timeout plus slack.
+fn stall_limit(args: &Args) -> Duration {
+    args.lock_timeout + Duration::from_secs(10)
+}
+
+/// Opens `count` connections, at most `--connect-concurrency` at a time. Returns the clients
+/// (in no particular order) and the failures.
+async fn connect_all(args: &Arc<Args>, count: usize) -> (Vec<Client>, Stats) {
+    let started = Instant::now();
+    let gate = Arc::new(Semaphore::new(args.connect_concurrency.max(1)));
+    let mut tasks = JoinSet::new();
+    for _ in 0..count {
+        let gate = gate.clone();
+        let args = args.clone();
+        tasks.spawn(async move {
+            let _permit = gate.acquire_owned().await;
+            let mut client = Client::connect(&args.url, stall_limit(&args)).await?;
+            client
+                .call_ok("ping", r#"{"command":"ping"}"#.into())
+                .await?;
+            Ok::<Client, Failure>(client)
+        });
+    }
+    let mut clients = Vec::with_capacity(count);
+    let mut stats = Stats::default();
+    while let Some(joined) = tasks.join_next().await {
+        match joined {
+            Ok(Ok(client)) => clients.push(client),
+            Ok(Err(failure)) => stats.error(failure.to_string()),
+            Err(error) => stats.error(format!("client task failed: {error}")),
+        }
+    }
+    println!(
+        "connected {}/{count} clients in {:.2}s",
+        clients.len(),
+        started.elapsed().as_secs_f64()
+    );
+    (clients, stats)
+}
+
+async fn request_mix(args: Arc<Args>) -> Result<(), String> {
+    let (clients, mut stats) = connect_all(&args, args.clients).await;
+    if clients.is_empty() {
+        print_errors(&stats);
+        return Err("no client could connect".into());
+    }
+    let value = "x".repeat(args.value_bytes);
+    let start = Instant::now();
+    let window = Window {
+        measure_from: start + args.warmup,
+        end: start + args.warmup + args.duration,
+    };
+    let mut seeds = StdRng::from_os_rng();
+    let mut tasks = JoinSet::new();
+    for client in clients {
+        let worker = Worker {
+            client,
+            rng: StdRng::from_rng(&mut seeds),
+            args: args.clone(),
+            stats: Stats::default(),
+            value: value.clone(),
+        };
+        tasks.spawn(worker.run(window));
+    }
+    let mut survivors = Vec::new();
+    while let Some(joined) = tasks.join_next().await {
+        match joined {
+            Ok((client_stats, client)) => {
+                stats.merge(client_stats);
+                survivors.extend(client);
+            }
+            Err(error) => stats.error(format!("client task failed: {error}")),
+        }
+    }
+    let elapsed = stats.last_end.map_or(Duration::ZERO, |end| {
+        end.saturating_duration_since(window.measure_from)
+    });
+    print_throughput(&args, &stats, elapsed);
+    print_latencies(&stats);
+    print_errors(&stats);
+    println!(
+        "clients still connected at the end: {}/{}",
+        survivors.len(),
+        args.clients
+    );
+    check_lock_table(&args).await;
+    close_all(survivors).await;
+    Ok(())
+}
+
+/// One pair of the deadlock mix, with its control connection.
+struct Pair {
+    a: Client,
+    b: Client,
+    control: Client,
+    a_session: String,
+    k1: String,
+    k2: String,
+    timeout_ms: u128,
+}
+
+impl Pair {
+    async fn open(args: &Args, index: usize) -> Result<Pair, Failure> {
+        let stall = stall_limit(args);
+        let mut a = Client::connect(&args.url, stall).await?;
+        let b = Client::connect(&args.url, stall).await?;
+        let control = Client::connect(&args.url, stall).await?;
+        let session = a
+            .call_ok("session", r#"{"command":"session"}"#.into())
+            .await?;
+        let a_session = match session.0.get("session").and_then(Value::as_str) {
+            Some(id) => id.to_owned(),
+            None => return Err(Failure::Unexpected("session: no session id".into())),
+        };
+        Ok(Pair {
+            a,
+            b,
+            control,
+            a_session,
+            k1: format!("deadlock-{index}-1"),
+            k2: format!("deadlock-{index}-2"),
+            timeout_ms: args.lock_timeout.as_millis(),
+        })
+    }
+
+    fn lock(&self, key: &str) -> String {
+        format!(
+            r#"{{"command":"lock","keys":["{key}"],"mode":"write","timeout_ms":{}}}"#,
+            self.timeout_ms
+        )
+    }
+
+    /// Is A queued on k2 in this `locks` answer?
+    fn a_is_queued(&self, locks: &Answer) -> bool {
+        let Some(Value::Array(entries)) = locks.0.get("locks") else {
+            return false;
+        };
+        entries.iter().any(|entry| {
+            entry.get("key").and_then(Value::as_str) == Some(self.k2.as_str())
+                && entry
+                    .get("waiters")
+                    .and_then(Value::as_array)
+                    .is_some_and(|waiters| {
+                        waiters.iter().any(|w| {
+                            w.get("session").and_then(Value::as_str)
+                                == Some(self.a_session.as_str())
+                        })
+                    })
+        })
+    }
+
+    /// One round: returns the time from sending B's cycle-closing request to its answer.
+    async fn round(&mut self, polls: &mut u64) -> Result<Duration, Failure> {
+        let (k1, k2) = (self.k1.clone(), self.k2.clone());
+        self.a.call_ok("A lock k1", self.lock(&k1)).await?;
+        self.b.call_ok("B lock k2", self.lock(&k2)).await?;
+        // A requests k2 and waits (its answer comes after B gives k2 up).
+        self.a.send(self.lock(&k2)).await?;
+        let queued_by = Instant::now() + self.a.stall;
+        loop {
+            let locks = self
+                .control
+                .call_ok("locks", r#"{"command":"locks"}"#.into())
+                .await?;
+            *polls += 1;
+            if self.a_is_queued(&locks) {
+                break;
+            }
+            if Instant::now() >= queued_by {
+                return Err(Failure::Unexpected("A never showed as queued on k2".into()));
+            }
+            tokio::task::yield_now().await;
+        }
+        // B closes the cycle: B holds k2 and waits for k1, A holds k1 and waits for k2.
+        let (answer, elapsed) = self.b.call(self.lock(&k1)).await?;
+        if answer.success() || answer.code() != "deadlock" {
+            return Err(Failure::Unexpected(format!(
+                "B's cycle-closing request answered {}",
+                if answer.success() {
+                    "success"
+                } else {
+                    answer.code()
+                }
+            )));
+        }
+        self.b
+            .call_ok(
+                "B unlock k2",
+                format!(r#"{{"command":"unlock","keys":["{k2}"]}}"#),
+            )
+            .await?;
+        let granted = self.a.receive().await?;
+        if !granted.success() {
+            return Err(Failure::Unexpected(format!(
+                "A's request for k2 answered {}",
+                granted.code()
+            )));
+        }
+        self.a
+            .call_ok(
+                "A unlock",
+                format!(r#"{{"command":"unlock","keys":["{k1}","{k2}"]}}"#),
+            )
+            .await?;
+        Ok(elapsed)
+    }
+}
+
+async fn deadlock(args: Arc<Args>) -> Result<(), String> {
+    let pairs = (args.clients / 2).max(1);
+    let started = Instant::now();
+    let mut opening = JoinSet::new();
+    for index in 0..pairs {
+        let args = args.clone();
+        opening.spawn(async move { Pair::open(&args, index).await });
+    }
+    let mut stats = Stats::default();
+    let mut ready = Vec::with_capacity(pairs);
+    while let Some(joined) = opening.join_next().await {
+        match joined {
+            Ok(Ok(pair)) => ready.push(pair),
+            Ok(Err(failure)) => stats.error(failure.to_string()),
+            Err(error) => stats.error(format!("pair task failed: {error}")),
+        }
+    }
+    println!(
+        "opened {}/{pairs} pairs (3 connections each) in {:.2}s",
+        ready.len(),
+        started.elapsed().as_secs_f64()
+    );
+    if ready.is_empty() {
+        print_errors(&stats);
+        return Err("no pair could connect".into());
+    }
+    let start = Instant::now();
+    let window = Window {
+        measure_from: start + args.warmup,
+        end: start + args.warmup + args.duration,
+    };
+    let mut tasks = JoinSet::new();
+    for mut pair in ready {
+        tasks.spawn(async move {
+            let mut stats = Stats::default();
+            let mut polls = 0u64;
+            loop {
+                let now = Instant::now();
+                if now >= window.end {
+                    break;
+                }
+                match pair.round(&mut polls).await {
+                    Ok(elapsed) if now >= window.measure_from => {
+                        stats.record("deadlock", elapsed);
+                        stats.round_trips += 1;
+                        stats.last_end = Some(Instant::now());
+                    }
+                    Ok(_) => {}
+                    Err(failure) => {
+                        stats.error(failure.to_string());
+                        return (stats, polls, None);
+                    }
+                }
+            }
+            (stats, polls, Some(pair))
+        });
+    }
+    let mut survivors = Vec::new();
+    let mut polls = 0u64;
+    while let Some(joined) = tasks.join_next().await {
+        match joined {
+            Ok((pair_stats, pair_polls, pair)) => {
+                stats.merge(pair_stats);
+                polls += pair_polls;
+                if let Some(pair) = pair {
+                    survivors.extend([pair.a, pair.b, pair.control]);
+                }
+            }
+            Err(error) => stats.error(format!("pair task failed: {error}")),
+        }
+    }
+    let elapsed = stats.last_end.map_or(Duration::ZERO, |end| {
+        end.saturating_duration_since(window.measure_from)
+    });
+    let secs = elapsed.as_secs_f64().max(f64::EPSILON);
+    println!(
+        "deadlock rounds: {} in {:.2}s = {:.0} rounds/s ({} `locks` polls in all rounds)",
+        stats.round_trips,
+        secs,
+        stats.round_trips as f64 / secs,
+        polls
+    );
+    println!("latency = from sending the request that closes the cycle to receiving its `deadlock` answer");
+    print_latencies(&stats);
+    print_errors(&stats);
+    check_lock_table(&args).await;
+    close_all(survivors).await;
+    Ok(())
+}
+
+async fn idle(args: Arc<Args>) -> Result<(), String> {
+    let before = args.server_pid.and_then(read_rss_kib);
+    if let Some(kib) = before {
+        println!("server VmRSS before: {kib} KiB");
+    }
+    let started = Instant::now();
+    let gate = Arc::new(Semaphore::new(args.connect_concurrency.max(1)));
+    let stop = CancellationToken::new();
+    let (opened_tx, mut opened_rx) = mpsc::unbounded_channel::<Result<(), String>>();
+    let mut tasks = JoinSet::new();
+    for _ in 0..args.clients {
+        let (gate, args, stop, opened) =
+            (gate.clone(), args.clone(), stop.clone(), opened_tx.clone());
+        tasks.spawn(async move {
+            let permit = gate.acquire_owned().await;
+            let connected = async {
+                let mut client = Client::connect(&args.url, stall_limit(&args)).await?;
+                client
+                    .call_ok("ping", r#"{"command":"ping"}"#.into())
+                    .await?;
+                Ok::<Client, Failure>(client)
+            }
+            .await;
+            drop(permit);
+            let mut client = match connected {
+                Ok(client) => client,
+                Err(failure) => {
+                    let _ = opened.send(Err(failure.to_string()));
+                    return Err(failure);
+                }
+            };
+            let _ = opened.send(Ok(()));
+            // The main task counts senders out: this one has reported.
+            drop(opened);
+            // Keep reading: that is what answers the server's keepalive pings.
+            loop {
+                tokio::select! {
+                    () = stop.cancelled() => return Ok(client),
+                    frame = client.ws.next() => match frame {
+                        Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
+                        Some(Ok(Message::Close(frame))) => {
+                            return Err(Failure::Closed(frame.map(|f| u16::from(f.code))))
+                        }
+                        Some(Ok(Message::Text(text))) => {
+                            return Err(Failure::Unexpected(format!("unrequested answer {text}")))
+                        }
+                        Some(Ok(Message::Binary(_))) => {
+                            return Err(Failure::Garbled("binary frame".into()))
+                        }
+                        Some(Err(error)) => return Err(Failure::Receive(error.to_string())),
+                        None => return Err(Failure::Closed(None)),
+                    },
+                }
+            }
+        });
+    }
+    drop(opened_tx);
+    let mut stats = Stats::default();
+    let mut opened = 0usize;
+    while let Some(result) = opened_rx.recv().await {
+        match result {
+            Ok(()) => opened += 1,
+            Err(failure) => stats.error(failure),
+        }
+    }
+    println!(
+        "opened {opened}/{} connections (one ping each) in {:.2}s",
+        args.clients,
+        started.elapsed().as_secs_f64()
+    );
+    let after_open = args.server_pid.and_then(read_rss_kib);
+    print_rss("after opening", before, after_open, opened);
+    tokio::time::sleep(args.duration).await;
+    let after_idle = args.server_pid.and_then(read_rss_kib);
+    print_rss(
+        &format!("after {:?} idle", args.duration),
+        before,
+        after_idle,
+        opened,
+    );
+    stop.cancel();
+    let mut open = Vec::new();
+    while let Some(joined) = tasks.join_next().await {
+        match joined {
+            Ok(Ok(client)) => open.push(client),
+            // Connect failures were already counted.
+            Ok(Err(Failure::Connect(_))) => {}
+            Ok(Err(failure)) => stats.error(format!("while idle: {failure}")),
+            Err(error) => stats.error(format!("client task failed: {error}")),
+        }
+    }
+    println!(
+        "still open after {:?} idle: {}/{}",
+        args.duration,
+        open.len(),
+        args.clients
+    );
+    print_errors(&stats);
+    close_all(open).await;
+    Ok(())
+}
+
+fn print_rss(when: &str, before: Option<u64>, after: Option<u64>, connections: usize) {
+    if let (Some(before), Some(after)) = (before, after) {
+        let per = (after.saturating_sub(before)) as f64 / connections.max(1) as f64;
+        println!(
+            "server VmRSS {when}: {after} KiB; ({after} - {before}) / {connections} = {per:.1} KiB per connection"
+        );
+    }
+}
+
+/// `VmRSS` of a process in KiB, from /proc (Linux).
+fn read_rss_kib(pid: u32) -> Option<u64> {
+    let status = match std::fs::read_to_string(format!("/proc/{pid}/status")) {
+        Ok(status) => status,
+        Err(error) => {
+            eprintln!("warning: cannot read /proc/{pid}/status: {error}");
+            return None;
+        }
+    };
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// Asks the server, on a fresh connection, whether any lock is still held or queued.
+async fn check_lock_table(args: &Args) {
+    let outcome = async {
+        let mut client = Client::connect(&args.url, Duration::from_secs(10)).await?;
+        let answer = client
+            .call_ok("locks", r#"{"command":"locks"}"#.into())
+            .await?;
+        client.close().await;
+        Ok::<Answer, Failure>(answer)
+    }
+    .await;
+    match outcome {
+        Ok(answer) => {
+            let entries = answer
+                .0
+                .get("locks")
+                .and_then(Value::as_array)
+                .map_or(0, Vec::len);
+            let sessions = answer
+                .0
+                .get("sessions")
+                .and_then(Value::as_u64)
+                .unwrap_or(0);
+            println!(
+                "lock table after the run: {entries} keys held or queued ({})",
+                if entries == 0 { "ok" } else { "LEFT OVER" }
+            );
+            println!("server sessions open at that moment: {sessions}");
+        }
+        Err(failure) => println!("lock table after the run: cannot ask: {failure}"),
+    }
+}
+
+async fn close_all(clients: Vec<Client>) {
+    let mut tasks = JoinSet::new();
+    for client in clients {
+        tasks.spawn(client.close());
+    }
+    while tasks.join_next().await.is_some() {}
+}
+
+fn print_throughput(args: &Args, stats: &Stats, elapsed: Duration) {
+    let secs = elapsed.as_secs_f64().max(f64::EPSILON);
+    let rate = stats.round_trips as f64 / secs;
+    print!(
+        "round trips: {} in {:.2}s = {:.0} round trips/s",
+        stats.round_trips, secs, rate
+    );
+    if args.mix == Mix::LockUnlock {
+        print!(" (= {:.0} lock+unlock pairs/s)", rate / 2.0);
+    }
+    println!();
+}
+
+/// The `q` quantile (nearest rank) of sorted samples.
+fn quantile(sorted: &[u32], q: f64) -> u32 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let rank = (q * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+fn print_latencies(stats: &Stats) {
+    println!(
+        "{:<10} {:>9} {:>9} {:>9} {:>9} {:>9}   (latency in µs, successful answers)",
+        "request", "count", "p50", "p99", "p999", "max"
+    );
+    for (op, samples) in &stats.latencies {
+        let mut sorted = samples.clone();
+        sorted.sort_unstable();
+        println!(
+            "{:<10} {:>9} {:>9} {:>9} {:>9} {:>9}",
+            op,
+            sorted.len(),
+            quantile(&sorted, 0.50),
+            quantile(&sorted, 0.99),
+            quantile(&sorted, 0.999),
+            sorted.last().copied().unwrap_or(0)
+        );
+    }
+}
+
+fn print_errors(stats: &Stats) {
+    if stats.errors.is_empty() {
+        println!("errors: none");
+        return;
+    }
+    let total: u64 = stats.errors.values().sum();
+    println!("errors: {total}");
+    let mut sorted: Vec<(&String, &u64)> = stats.errors.iter().collect();
+    sorted.sort_by(|a, b| b.1.cmp(a.1));
+    for (error, count) in sorted {
+        println!("  {count:>9}  {error}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantile_is_the_nearest_rank() {
+        let samples: Vec<u32> = (1..=1000).collect();
+        assert_eq!(quantile(&samples, 0.5), 500);
+        assert_eq!(quantile(&samples, 0.99), 990);
+        assert_eq!(quantile(&samples, 0.999), 999);
+        assert_eq!(quantile(&[7], 0.999), 7);
+        assert_eq!(quantile(&[], 0.5), 0);
+    }
+
+    #[test]
+    fn idle_mix_and_durations_parse_from_the_command_line() {
+        let args = Args::try_parse_from([
+            "locksmith-bench",
+            "--mix",
+            "idle",
+            "--clients",
+            "10000",
+            "--duration",
+            "2m",
+        ])
+        .expect("valid arguments");
+        assert_eq!(args.mix, Mix::Idle);
+        assert_eq!(args.clients, 10_000);
+        assert_eq!(args.duration, Duration::from_secs(120));
+    }
+}
