@@ -42,6 +42,11 @@ use crate::store::Store;
 /// connections.
 const READ_BUFFER_BYTES: usize = 4 * 1024;
 
+/// How long [`RunningServer::shutdown`] waits for plain HTTP connections (a `/healthz` call, an
+/// upgrade request still being received) to finish. axum's graceful shutdown waits for every
+/// one of them, however long a client takes to send its request.
+pub const HTTP_SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+
 /// What the server needs to know, independent of how it was configured.
 #[derive(Clone, Debug)]
 pub struct ServerSettings {
@@ -231,14 +236,29 @@ impl RunningServer {
 
     /// Shuts down: stops accepting, answers waiting requests `shutting_down`, closes every
     /// connection, and returns once all of them have finished.
+    ///
+    /// HTTP connections that are not WebSockets (yet) get [`HTTP_SHUTDOWN_GRACE`] to finish;
+    /// after that they are abandoned, so a client that sent half a request and stalled cannot
+    /// hold the shutdown up.
     pub async fn shutdown(mut self) {
         self.shutdown.cancel();
-        while let Some(result) = self.listeners.join_next().await {
-            match result {
-                Ok(Ok(())) => {}
-                Ok(Err(error)) => tracing::warn!(%error, "listener failed"),
-                Err(error) => tracing::warn!(%error, "listener task failed"),
+        let listeners = async {
+            while let Some(result) = self.listeners.join_next().await {
+                match result {
+                    Ok(Ok(())) => {}
+                    Ok(Err(error)) => tracing::warn!(%error, "listener failed"),
+                    Err(error) => tracing::warn!(%error, "listener task failed"),
+                }
             }
+        };
+        if tokio::time::timeout(HTTP_SHUTDOWN_GRACE, listeners)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "HTTP connections still unfinished after {HTTP_SHUTDOWN_GRACE:?}; abandoning them"
+            );
+            self.listeners.abort_all();
         }
         self.tracker.close();
         self.tracker.wait().await;

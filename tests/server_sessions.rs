@@ -350,3 +350,24 @@ async fn frames_until_close(client: &mut Client) -> Vec<Frame> {
         }
     }
 }
+
+#[tokio::test]
+async fn shutdown_is_not_held_up_by_a_client_that_sent_half_an_http_request() {
+    use tokio::io::AsyncWriteExt;
+    let server = start(settings()).await;
+    // Accepted before the WebSocket client below (the listener accepts in order), then stalls.
+    let mut stalled = tokio::net::TcpStream::connect(server.addr)
+        .await
+        .expect("connect");
+    stalled
+        .write_all(b"GET /ws HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n")
+        .await
+        .expect("write half a request");
+    let mut client = server.connect().await;
+    client.lock(&["k"], "write").await;
+
+    // `stop` fails the test if the shutdown takes longer than its bound.
+    server.stop().await;
+    assert_eq!(client.close_code().await, Some(1001));
+    drop(stalled);
+}
