@@ -1163,6 +1163,21 @@ async fn release_all_withdraws_the_waiting_request_with_cancelled() {
 }
 
 #[tokio::test]
+async fn release_all_cancels_a_grant_not_yet_collected() {
+    let m = manager();
+    let (a, b, c) = (m.open_session(), m.open_session(), m.open_session());
+    granted(&m, &a, &["k1"], X);
+    let mut b_x = waiting(&m, &b, &["k1"], X);
+    let mut c_x = waiting(&m, &c, &["k1"], X);
+    m.release_all(&a);
+    // B was granted in the table, but its caller has not seen it yet.
+    m.release_all(&b);
+    assert_eq!(decided(&mut b_x), Err(LockError::Cancelled));
+    assert!(m.held_keys(&b).is_empty());
+    decided(&mut c_x).unwrap();
+}
+
+#[tokio::test]
 async fn empty_and_oversized_requests_are_invalid() {
     let m = LockManager::new(LockManagerConfig {
         max_keys_per_request: 3,
