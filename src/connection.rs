@@ -8,8 +8,11 @@
 //!
 //! Keepalive: when `idle_timeout` is set, the server pings a connection that has been silent for
 //! half of it and closes one that has been silent for all of it (a half-open connection never
-//! answers). Shutdown: the request in progress and every queued one are answered
-//! `shutting_down`, then the socket is closed with code 1001 (going away).
+//! answers); a send the client does not take within the idle timeout (it stopped reading) ends
+//! the connection too, so the session's locks are released either way.
+//!
+//! Shutdown: the request in progress and every queued one are answered `shutting_down`, then
+//! the socket is closed with code 1001 (going away).
 //!
 //! Frames the server cannot take end the connection with the matching close code: over the size
 //! limit 1009 (after a `too_large` answer), a text frame that is not UTF-8 1007 (after a
@@ -22,6 +25,7 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use futures_util::SinkExt;
 use serde_json::Value;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -31,6 +35,10 @@ use crate::session::{ClientSession, SessionContext};
 
 /// Most requests a client may send ahead of their answers; more close the connection (1008).
 pub const MAX_PIPELINED: usize = 1024;
+
+/// Longest the final answer and close frame may take to send when no idle timeout is set (with
+/// one, the idle timeout bounds every send).
+const CLOSE_SEND_LIMIT: Duration = Duration::from_secs(10);
 
 /// WebSocket close codes used by the server.
 mod close_code {
@@ -105,8 +113,19 @@ pub async fn serve(
 /// Refuses a connection over the limit: one `server_busy` answer, then close (1013).
 pub async fn refuse_busy(mut socket: WebSocket) {
     let text = protocol::encode_error(None, &ServiceError::ServerBusy);
-    let _ = socket.send(Message::Text(text.into())).await;
-    close(&mut socket, close_code::TRY_AGAIN_LATER, "server busy").await;
+    let _ = send(
+        &mut socket,
+        Message::Text(text.into()),
+        Some(CLOSE_SEND_LIMIT),
+    )
+    .await;
+    close(
+        &mut socket,
+        close_code::TRY_AGAIN_LATER,
+        "server busy",
+        CLOSE_SEND_LIMIT,
+    )
+    .await;
 }
 
 async fn run(
@@ -124,6 +143,10 @@ async fn run(
     let tick = settings
         .idle_timeout
         .map(|idle| (idle / 2).max(Duration::from_millis(10)));
+    // A client that takes nothing we send for a whole idle timeout has stopped reading: without
+    // this bound the loop would wait in `send` forever and the session would keep its locks.
+    let send_limit = settings.idle_timeout;
+    let close_limit = settings.idle_timeout.unwrap_or(CLOSE_SEND_LIMIT);
     loop {
         // Start the next request, answering at once the ones that fail to decode.
         while in_flight.is_none() {
@@ -144,8 +167,8 @@ async fn run(
                     *served += 1;
                     tracing::debug!(session = %session.id(), code = error.code(), "bad request");
                     let text = protocol::encode_error(id.as_ref(), &error);
-                    if let Err(error) = socket.send(Message::Text(text.into())).await {
-                        return Ending::Broken(error.to_string());
+                    if let Err(error) = send(socket, Message::Text(text.into()), send_limit).await {
+                        return Ending::Broken(error);
                     }
                 }
             }
@@ -167,11 +190,11 @@ async fn run(
                 }));
                 for id in ids {
                     let text = protocol::encode_error(id.as_ref(), &ServiceError::ShuttingDown);
-                    if socket.send(Message::Text(text.into())).await.is_err() {
+                    if send(socket, Message::Text(text.into()), Some(close_limit)).await.is_err() {
                         return Ending::Shutdown;
                     }
                 }
-                close(socket, close_code::GOING_AWAY, "server shutting down").await;
+                close(socket, close_code::GOING_AWAY, "server shutting down", close_limit).await;
                 return Ending::Shutdown;
             }
             result = async { match in_flight.as_mut() { Some((_, future)) => future.await, None => std::future::pending().await } }, if in_flight.is_some() => {
@@ -181,18 +204,24 @@ async fn run(
                     Ok(reply) => protocol::encode_reply(id.as_ref(), reply),
                     Err(error) => protocol::encode_error(id.as_ref(), error),
                 };
-                if let Err(error) = socket.send(Message::Text(text.into())).await {
-                    return Ending::Broken(error.to_string());
+                if let Err(error) = send(socket, Message::Text(text.into()), send_limit).await {
+                    return Ending::Broken(error);
                 }
             }
             frame = socket.recv() => {
                 last_heard = Instant::now();
                 last_poke = last_heard;
                 match frame {
-                    None | Some(Ok(Message::Close(_))) => return Ending::ClientClosed,
+                    None => return Ending::ClientClosed,
+                    Some(Ok(Message::Close(_))) => {
+                        // tungstenite has queued the echo of the client's close frame; flush it,
+                        // or the client sees a reset instead of a completed closing handshake.
+                        let _ = tokio::time::timeout(close_limit, SinkExt::flush(socket)).await;
+                        return Ending::ClientClosed;
+                    }
                     Some(Ok(Message::Text(text))) => {
                         if queued.len() >= MAX_PIPELINED {
-                            close(socket, close_code::POLICY, "too many pipelined requests").await;
+                            close(socket, close_code::POLICY, "too many pipelined requests", close_limit).await;
                             return Ending::TooManyPipelined;
                         }
                         queued.push_back(Incoming::Text(text));
@@ -205,19 +234,19 @@ async fn run(
                         ReadError::TooLarge => {
                             let too_large = ServiceError::TooLarge { limit: settings.max_message_bytes };
                             let text = protocol::encode_error(None, &too_large);
-                            let _ = socket.send(Message::Text(text.into())).await;
-                            close(socket, close_code::TOO_BIG, "message too large").await;
+                            let _ = send(socket, Message::Text(text.into()), Some(close_limit)).await;
+                            close(socket, close_code::TOO_BIG, "message too large", close_limit).await;
                             return Ending::TooLarge;
                         }
                         ReadError::NotUtf8 => {
                             let not_utf8 = ServiceError::BadRequest("a text frame must be valid UTF-8".into());
                             let text = protocol::encode_error(None, &not_utf8);
-                            let _ = socket.send(Message::Text(text.into())).await;
-                            close(socket, close_code::INVALID_DATA, "text frame is not valid UTF-8").await;
+                            let _ = send(socket, Message::Text(text.into()), Some(close_limit)).await;
+                            close(socket, close_code::INVALID_DATA, "text frame is not valid UTF-8", close_limit).await;
                             return Ending::NotUtf8;
                         }
                         ReadError::Protocol => {
-                            close(socket, close_code::PROTOCOL_ERROR, "WebSocket protocol violation").await;
+                            close(socket, close_code::PROTOCOL_ERROR, "WebSocket protocol violation", close_limit).await;
                             return Ending::ProtocolViolation(error.to_string());
                         }
                         ReadError::Broken => return Ending::Broken(error.to_string()),
@@ -227,11 +256,11 @@ async fn run(
             () = idle_check => {
                 let Some(idle) = settings.idle_timeout else { continue };
                 if last_heard.elapsed() >= idle {
-                    close(socket, close_code::GOING_AWAY, "idle timeout").await;
+                    close(socket, close_code::GOING_AWAY, "idle timeout", close_limit).await;
                     return Ending::Idle;
                 }
-                if socket.send(Message::Ping(Default::default())).await.is_err() {
-                    return Ending::Broken("ping failed".into());
+                if let Err(error) = send(socket, Message::Ping(Default::default()), send_limit).await {
+                    return Ending::Broken(format!("ping failed: {error}"));
                 }
                 last_poke = Instant::now();
             }
@@ -273,10 +302,30 @@ fn classify(error: &axum::Error) -> ReadError {
     ReadError::Broken
 }
 
-async fn close(socket: &mut WebSocket, code: u16, reason: &'static str) {
+/// Sends one message, within `limit` if one is given.
+///
+/// # Errors
+/// Why it was not sent: the socket failed, or the client did not take it within `limit`.
+async fn send(
+    socket: &mut WebSocket,
+    message: Message,
+    limit: Option<Duration>,
+) -> Result<(), String> {
+    let sending = socket.send(message);
+    let sent = match limit {
+        Some(limit) => tokio::time::timeout(limit, sending).await.map_err(|_| {
+            format!("the client stopped reading: a send did not complete in {limit:?}")
+        })?,
+        None => sending.await,
+    };
+    sent.map_err(|error| error.to_string())
+}
+
+/// Sends a close frame (within `limit`); the caller then drops the socket.
+async fn close(socket: &mut WebSocket, code: u16, reason: &'static str, limit: Duration) {
     let frame = CloseFrame {
         code,
         reason: Utf8Bytes::from_static(reason),
     };
-    let _ = socket.send(Message::Close(Some(frame))).await;
+    let _ = send(socket, Message::Close(Some(frame)), Some(limit)).await;
 }

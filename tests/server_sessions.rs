@@ -10,6 +10,9 @@ use std::time::Duration;
 use locksmith::lock::LockMode;
 use locksmith::server::ServerSettings;
 use serde_json::json;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::Message;
 use wire::{holders, settings, start, Client, BOUND};
 
 /// Far below the waiter's own timeout (a minute): the grant must come from the disconnect.
@@ -54,6 +57,34 @@ async fn a_client_whose_socket_is_dropped_while_holding_hands_the_lock_to_the_wa
         holders(&snapshot, "k2"),
         vec![(b.session.clone(), LockMode::Shared)]
     );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_client_closing_cleanly_gets_its_close_frame_echoed_and_its_locks_released() {
+    let server = start(settings()).await;
+    let mut a = server.connect().await;
+    a.lock(&["k"], "write").await;
+    let session = a.session.clone();
+    a.ws.close(Some(CloseFrame {
+        code: CloseCode::Normal,
+        reason: "bye".into(),
+    }))
+    .await
+    .expect("send a close frame");
+    // The closing handshake completes: the server answers with a close frame of its own.
+    let echoed = tokio::time::timeout(BOUND, futures_util::StreamExt::next(&mut a.ws))
+        .await
+        .expect("an answer in time");
+    assert!(
+        matches!(echoed, Some(Ok(Message::Close(_)))),
+        "expected the close frame echoed, got {echoed:?}"
+    );
+    server
+        .wait_for("the closed session's lock is released", |s| {
+            !wire::mentions(s, &session)
+        })
+        .await;
     server.stop().await;
 }
 
@@ -234,6 +265,35 @@ async fn a_client_waiting_longer_than_the_idle_timeout_stays_queued_while_it_ans
     let granted = waiter.recv().await;
     assert_eq!(granted["id"], json!("w"));
     assert_eq!(granted["success"], json!(true), "{granted}");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_with_answers_pending_is_closed_by_the_idle_timeout() {
+    let server = start(ServerSettings {
+        idle_timeout: Some(Duration::from_secs(1)),
+        ..settings()
+    })
+    .await;
+    let mut a = server.connect().await;
+    a.lock(&["held"], "write").await;
+    a.ok(json!({"command": "write", "keys": ["big"], "value": "x".repeat(512 * 1024)}))
+        .await;
+    // Far more answer bytes (about 100 MB) than the socket buffers hold; the client reads none.
+    for i in 0..200 {
+        a.send(json!({"command": "read", "keys": ["big"], "id": i}))
+            .await;
+    }
+    let session = a.session.clone();
+    server
+        .wait_for("the stalled client's lock is released", |s| {
+            !wire::mentions(s, &session)
+        })
+        .await;
+    let mut b = server.connect().await;
+    b.ok(json!({"command": "lock", "keys": ["held"], "timeout_ms": 0}))
+        .await;
+    drop(a);
     server.stop().await;
 }
 
