@@ -311,6 +311,44 @@ async fn a_lock_that_times_out_names_the_key_and_keeps_nothing() {
 }
 
 #[tokio::test]
+async fn a_request_without_timeout_ms_waits_for_the_servers_lock_timeout() {
+    let server = start(locksmith::server::ServerSettings {
+        lock_timeout: Duration::from_millis(200),
+        ..settings()
+    })
+    .await;
+    let mut holder = server.connect().await;
+    holder.lock(&["k"], "write").await;
+    let mut client = server.connect().await;
+    for request in [
+        json!({"command": "lock", "keys": ["k"]}),
+        json!({"command": "read", "keys": ["k"]}),
+        json!({"command": "write", "keys": ["k"], "value": 1}),
+    ] {
+        let answer = client.fails(request, "timeout").await;
+        assert_eq!(answer["key"], json!("k"));
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn keys_and_values_may_be_any_unicode() {
+    let server = start(settings()).await;
+    let mut a = server.connect().await;
+    let keys = ["ключ", "🔒", "a b\tc\"\\", "键/子键"];
+    a.ok(json!({"command": "write", "keys": keys, "values": ["значение", {"🔑": [1, "二"]}, null, "\u{0}"]}))
+        .await;
+    let read = a.ok(json!({"command": "read", "keys": keys})).await;
+    assert_eq!(read["values"]["ключ"], json!("значение"));
+    assert_eq!(read["values"]["🔒"], json!({"🔑": [1, "二"]}));
+    assert_eq!(read["values"]["键/子键"], json!("\u{0}"));
+    let granted = a.lock(&keys, "write").await;
+    assert_eq!(granted["tokens"].as_object().expect("tokens").len(), 4);
+    a.unlock(&keys).await;
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn the_largest_timeout_ms_waits_and_is_granted_when_the_key_frees() {
     let server = start(settings()).await;
     let mut holder = server.connect().await;
