@@ -41,7 +41,11 @@ async fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         tracing::info!(data_dir = %config.data_dir.display(), "values are stored durably");
         Arc::new(store)
     };
-    let server = server::start(listeners, ServerSettings::from(&config), store)?;
+    let settings = ServerSettings {
+        token_floor: start_time_micros(),
+        ..ServerSettings::from(&config)
+    };
+    let server = server::start(listeners, settings, store)?;
     for addr in server.local_addrs() {
         tracing::info!("listening on ws://{addr}/ws");
     }
@@ -50,6 +54,16 @@ async fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     server.shutdown().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Microseconds since the Unix epoch: the fencing-token floor of this run. Locks are not
+/// persistent, but their tokens must keep increasing across restarts; a run that starts later
+/// starts its tokens higher (as long as the previous run granted fewer than one lock per
+/// microsecond on average and the clock did not go back).
+fn start_time_micros() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
 }
 
 /// Each connection is a file descriptor: raise the soft limit to the hard one.

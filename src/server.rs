@@ -62,6 +62,9 @@ pub struct ServerSettings {
     pub idle_timeout: Option<Duration>,
     /// `Origin` values allowed to connect.
     pub allowed_origins: Vec<String>,
+    /// Every fencing token handed out is larger than this. The binary passes its start time in
+    /// microseconds since the Unix epoch, so tokens keep increasing across restarts.
+    pub token_floor: u64,
 }
 
 impl Default for ServerSettings {
@@ -73,6 +76,7 @@ impl Default for ServerSettings {
             max_keys_per_request: 1024,
             idle_timeout: Some(Duration::from_secs(60)),
             allowed_origins: Vec::new(),
+            token_floor: 0,
         }
     }
 }
@@ -86,6 +90,7 @@ impl From<&Config> for ServerSettings {
             max_keys_per_request: config.max_keys_per_request,
             idle_timeout: (!config.idle_timeout.is_zero()).then_some(config.idle_timeout),
             allowed_origins: config.allowed_origins.clone(),
+            token_floor: 0,
         }
     }
 }
@@ -161,6 +166,7 @@ pub fn start(
     let locks = LockManager::new(LockManagerConfig {
         max_keys_per_request: settings.max_keys_per_request,
     });
+    locks.raise_token_floor(settings.token_floor);
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
     let state = Arc::new(AppState {

@@ -337,7 +337,12 @@ struct Ledger {
 
 /// Writes in a loop until the connection breaks: alternately a three-key write of `n` to
 /// `{prefix}-a/b/c` and a single-key write (original `value` form) of `n` to `{prefix}-s`.
-async fn write_until_killed(addr: SocketAddr, prefix: String, acks: Arc<AtomicU64>) -> [Ledger; 2] {
+async fn write_until_killed(
+    addr: SocketAddr,
+    prefix: String,
+    acks: Arc<AtomicU64>,
+    max_token: Arc<AtomicU64>,
+) -> [Ledger; 2] {
     let mut ledgers = [Ledger::default(); 2];
     let mut client = Client::connect(addr).await;
     for n in 1u64.. {
@@ -362,6 +367,13 @@ async fn write_until_killed(addr: SocketAddr, prefix: String, acks: Arc<AtomicU6
         match client.try_request(request).await {
             Some(answer) if answer["success"] == json!(true) => {
                 ledger.acked = n;
+                for token in answer["tokens"]
+                    .as_object()
+                    .into_iter()
+                    .flat_map(|t| t.values())
+                {
+                    max_token.fetch_max(token.as_u64().unwrap_or(0), Ordering::SeqCst);
+                }
                 acks.fetch_add(1, Ordering::SeqCst);
             }
             Some(answer) => panic!("a write failed while the server was up: {answer}"),
@@ -400,13 +412,18 @@ async fn every_acknowledged_write_survives_sigkill_and_no_multi_key_write_is_hal
     for iteration in 0..iterations {
         let server = ServerProcess::start(dir.path());
         let acks = Arc::new(AtomicU64::new(0));
+        let max_token = Arc::new(AtomicU64::new(0));
         let writers: Vec<_> = (0..WRITERS)
             .map(|w| {
                 let prefix = format!("i{iteration}w{w}");
                 let acks = acks.clone();
+                let max_token = max_token.clone();
                 let addr = server.addr;
                 tokio::spawn(async move {
-                    (prefix.clone(), write_until_killed(addr, prefix, acks).await)
+                    (
+                        prefix.clone(),
+                        write_until_killed(addr, prefix, acks, max_token).await,
+                    )
                 })
             })
             .collect();
@@ -436,6 +453,18 @@ async fn every_acknowledged_write_survives_sigkill_and_no_multi_key_write_is_hal
             check_ledger(&values[..3], *multi, &format!("{prefix} three-key write"));
             check_ledger(&values[3..], *single, &format!("{prefix} single-key write"));
         }
+        // Fencing tokens keep increasing across the restart (rule 10).
+        let fresh = reader
+            .request(json!({"command": "lock", "keys": [format!("token-probe-{iteration}")]}))
+            .await;
+        let fresh = fresh["tokens"][format!("token-probe-{iteration}")]
+            .as_u64()
+            .unwrap_or(0);
+        let before = max_token.load(Ordering::SeqCst);
+        assert!(
+            fresh > before,
+            "token {fresh} after the restart, {before} before it"
+        );
         drop(reader);
         server.kill();
     }

@@ -1020,6 +1020,37 @@ async fn aborting_the_task_of_a_waiting_acquire_withdraws_it() {
 // ----- rule 10: fencing tokens --------------------------------------------------------------
 
 #[tokio::test]
+async fn fencing_tokens_start_above_the_token_floor_and_never_go_back() {
+    // A server raises the floor to its start time, so a later run's tokens are larger.
+    let m = manager();
+    let a = m.open_session();
+    let first = m
+        .acquire(&a, &keys(&["k1"]), LockMode::Exclusive, None)
+        .await
+        .expect("free key");
+    m.release(&a, &keys(&["k1"])).expect("held");
+    m.raise_token_floor(1_000_000);
+    let raised = m
+        .acquire(&a, &keys(&["k1"]), LockMode::Exclusive, None)
+        .await
+        .expect("free key");
+    m.release(&a, &keys(&["k1"])).expect("held");
+    m.raise_token_floor(5);
+    let after_lower_floor = m
+        .acquire(&a, &keys(&["k1"]), LockMode::Exclusive, None)
+        .await
+        .expect("free key");
+    let token = |g: &locksmith::lock::Grant| g.token(&key("k1")).expect("token").0;
+    assert!(token(&first) < 1_000_000);
+    assert_eq!(token(&raised), 1_000_001);
+    assert_eq!(
+        token(&after_lower_floor),
+        1_000_002,
+        "a lower floor changes nothing"
+    );
+}
+
+#[tokio::test]
 async fn fencing_tokens_of_a_key_strictly_increase() {
     let m = manager();
     let (a, b, c) = (m.open_session(), m.open_session(), m.open_session());

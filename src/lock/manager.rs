@@ -87,6 +87,12 @@ impl LockManager {
         }
     }
 
+    /// Makes every later fencing token larger than `floor` (see
+    /// [`LockTable::raise_token_floor`]).
+    pub fn raise_token_floor(&self, floor: u64) {
+        self.lock().table.raise_token_floor(floor);
+    }
+
     /// Opens a session. Dropping the returned handle closes it.
     pub fn open_session(&self) -> Session {
         let id = self.lock().table.open_session();

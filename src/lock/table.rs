@@ -141,6 +141,12 @@ impl LockTable {
         }
     }
 
+    /// Makes every later fencing token larger than `floor` (no effect if tokens already are).
+    /// A server seeds this at start so that tokens keep increasing across restarts.
+    pub fn raise_token_floor(&mut self, floor: u64) {
+        self.last_token = self.last_token.max(floor);
+    }
+
     /// Registers a new session with a random id.
     pub fn open_session(&mut self) -> SessionId {
         let id = SessionId::new_random();
