@@ -252,7 +252,13 @@ impl Writer {
                     Err(_) => break,
                 }
             }
+            let started = std::time::Instant::now();
             let outcome = self.commit(&batch);
+            tracing::trace!(
+                jobs = batch.len(),
+                micros = started.elapsed().as_micros() as u64,
+                "group commit"
+            );
             match &outcome {
                 Ok(()) => {
                     let mut committed = self
