@@ -86,10 +86,10 @@ struct Args {
     #[arg(long, default_value_t = 64)]
     connect_concurrency: usize,
 
-    /// Worker threads of the generator (1: a single-threaded runtime). The generator shares the
-    /// machine with the server; one thread leaves the other cores to the server.
-    #[arg(long, default_value_t = 1)]
-    threads: usize,
+    /// Worker threads of the generator (1: a single-threaded runtime; default: one per core).
+    /// On loopback the generator shares the cores with the server.
+    #[arg(long)]
+    threads: Option<usize>,
 
     /// PID of the server process: its `VmRSS` is read from /proc before and after connecting
     /// (idle mix) to report the memory per connection.
@@ -384,15 +384,17 @@ impl Worker {
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    let runtime = if args.threads <= 1 {
-        tokio::runtime::Builder::new_current_thread()
+    let runtime = match args.threads {
+        Some(0 | 1) => tokio::runtime::Builder::new_current_thread()
             .enable_all()
-            .build()
-    } else {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(args.threads)
+            .build(),
+        Some(threads) => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
             .enable_all()
-            .build()
+            .build(),
+        None => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build(),
     };
     let runtime = match runtime {
         Ok(runtime) => runtime,
@@ -423,8 +425,18 @@ async fn run(args: Args) -> Result<(), String> {
         Err(error) => eprintln!("warning: cannot raise the open-file limit: {error}"),
     }
     println!(
-        "locksmith-bench: mix={:?} clients={} keys={} duration={:?} warmup={:?} hold={:?} threads={} url={}",
-        args.mix, args.clients, args.keys, args.duration, args.warmup, args.hold, args.threads, args.url
+        "locksmith-bench: mix={} clients={} keys={} duration={:?} warmup={:?} hold={:?} threads={} url={}",
+        args.mix
+            .to_possible_value()
+            .map_or_else(|| format!("{:?}", args.mix), |v| v.get_name().to_owned()),
+        args.clients,
+        args.keys,
+        args.duration,
+        args.warmup,
+        args.hold,
+        args.threads
+            .map_or_else(|| "one per core".to_owned(), |t| t.to_string()),
+        args.url
     );
     let args = Arc::new(args);
     match args.mix {
@@ -585,20 +597,22 @@ impl Pair {
         })
     }
 
-    /// One round: returns the time from sending B's cycle-closing request to its answer.
-    async fn round(&mut self, polls: &mut u64) -> Result<Duration, Failure> {
+    /// One round. Pushes the round-trip time of each step onto `samples`: `deadlock` is the
+    /// time from sending B's cycle-closing request to its answer; `lock`, `locks` (the control
+    /// connection's polls) and `unlock` are the other steps, for comparison under the same load.
+    async fn round(&mut self, samples: &mut Vec<(&'static str, Duration)>) -> Result<(), Failure> {
         let (k1, k2) = (self.k1.clone(), self.k2.clone());
-        self.a.call_ok("A lock k1", self.lock(&k1)).await?;
-        self.b.call_ok("B lock k2", self.lock(&k2)).await?;
+        let lock_k1 = self.lock(&k1);
+        samples.push(("lock", timed_ok(&mut self.a, "A lock k1", lock_k1).await?.1));
+        let lock_k2 = self.lock(&k2);
+        samples.push(("lock", timed_ok(&mut self.b, "B lock k2", lock_k2).await?.1));
         // A requests k2 and waits (its answer comes after B gives k2 up).
         self.a.send(self.lock(&k2)).await?;
         let queued_by = Instant::now() + self.a.stall;
         loop {
-            let locks = self
-                .control
-                .call_ok("locks", r#"{"command":"locks"}"#.into())
-                .await?;
-            *polls += 1;
+            let (locks, elapsed) =
+                timed_ok(&mut self.control, "locks", r#"{"command":"locks"}"#.into()).await?;
+            samples.push(("locks", elapsed));
             if self.a_is_queued(&locks) {
                 break;
             }
@@ -619,12 +633,12 @@ impl Pair {
                 }
             )));
         }
-        self.b
-            .call_ok(
-                "B unlock k2",
-                format!(r#"{{"command":"unlock","keys":["{k2}"]}}"#),
-            )
-            .await?;
+        samples.push(("deadlock", elapsed));
+        let unlock_k2 = format!(r#"{{"command":"unlock","keys":["{k2}"]}}"#);
+        samples.push((
+            "unlock",
+            timed_ok(&mut self.b, "B unlock k2", unlock_k2).await?.1,
+        ));
         let granted = self.a.receive().await?;
         if !granted.success() {
             return Err(Failure::Unexpected(format!(
@@ -632,13 +646,26 @@ impl Pair {
                 granted.code()
             )));
         }
-        self.a
-            .call_ok(
-                "A unlock",
-                format!(r#"{{"command":"unlock","keys":["{k1}","{k2}"]}}"#),
-            )
-            .await?;
-        Ok(elapsed)
+        let unlock_both = format!(r#"{{"command":"unlock","keys":["{k1}","{k2}"]}}"#);
+        samples.push((
+            "unlock",
+            timed_ok(&mut self.a, "A unlock", unlock_both).await?.1,
+        ));
+        Ok(())
+    }
+}
+
+/// [`Client::call`] that insists on success, with the round-trip time.
+async fn timed_ok(
+    client: &mut Client,
+    what: &str,
+    text: String,
+) -> Result<(Answer, Duration), Failure> {
+    let (answer, elapsed) = client.call(text).await?;
+    if answer.success() {
+        Ok((answer, elapsed))
+    } else {
+        Err(Failure::Unexpected(format!("{what}: {}", answer.code())))
     }
 }
 
@@ -677,35 +704,39 @@ async fn deadlock(args: Arc<Args>) -> Result<(), String> {
     for mut pair in ready {
         tasks.spawn(async move {
             let mut stats = Stats::default();
-            let mut polls = 0u64;
+            let mut samples = Vec::new();
             loop {
                 let now = Instant::now();
                 if now >= window.end {
                     break;
                 }
-                match pair.round(&mut polls).await {
-                    Ok(elapsed) if now >= window.measure_from => {
-                        stats.record("deadlock", elapsed);
+                samples.clear();
+                let outcome = pair.round(&mut samples).await;
+                if now >= window.measure_from {
+                    for (op, elapsed) in samples.drain(..) {
+                        stats.record(op, elapsed);
+                    }
+                }
+                match outcome {
+                    Ok(()) if now >= window.measure_from => {
                         stats.round_trips += 1;
                         stats.last_end = Some(Instant::now());
                     }
-                    Ok(_) => {}
+                    Ok(()) => {}
                     Err(failure) => {
                         stats.error(failure.to_string());
-                        return (stats, polls, None);
+                        return (stats, None);
                     }
                 }
             }
-            (stats, polls, Some(pair))
+            (stats, Some(pair))
         });
     }
     let mut survivors = Vec::new();
-    let mut polls = 0u64;
     while let Some(joined) = tasks.join_next().await {
         match joined {
-            Ok((pair_stats, pair_polls, pair)) => {
+            Ok((pair_stats, pair)) => {
                 stats.merge(pair_stats);
-                polls += pair_polls;
                 if let Some(pair) = pair {
                     survivors.extend([pair.a, pair.b, pair.control]);
                 }
@@ -717,14 +748,20 @@ async fn deadlock(args: Arc<Args>) -> Result<(), String> {
         end.saturating_duration_since(window.measure_from)
     });
     let secs = elapsed.as_secs_f64().max(f64::EPSILON);
+    let round_trips: usize = stats.latencies.values().map(Vec::len).sum();
     println!(
-        "deadlock rounds: {} in {:.2}s = {:.0} rounds/s ({} `locks` polls in all rounds)",
+        "deadlock rounds: {} in {:.2}s = {:.0} rounds/s ({:.0} round trips/s in all)",
         stats.round_trips,
         secs,
         stats.round_trips as f64 / secs,
-        polls
+        round_trips as f64 / secs
     );
-    println!("latency = from sending the request that closes the cycle to receiving its `deadlock` answer");
+    println!(
+        "deadlock = from sending the request that closes the cycle to receiving its `deadlock` answer;"
+    );
+    println!(
+        "lock, locks (polls of the control connection), unlock = the other steps of the rounds"
+    );
     print_latencies(&stats);
     print_errors(&stats);
     check_lock_table(&args).await;
@@ -759,8 +796,9 @@ async fn idle(args: Arc<Args>) -> Result<(), String> {
             let mut client = match connected {
                 Ok(client) => client,
                 Err(failure) => {
+                    // Counted by the main task from this message, not again at the end.
                     let _ = opened.send(Err(failure.to_string()));
-                    return Err(failure);
+                    return None;
                 }
             };
             let _ = opened.send(Ok(()));
@@ -769,20 +807,20 @@ async fn idle(args: Arc<Args>) -> Result<(), String> {
             // Keep reading: that is what answers the server's keepalive pings.
             loop {
                 tokio::select! {
-                    () = stop.cancelled() => return Ok(client),
+                    () = stop.cancelled() => return Some(Ok(client)),
                     frame = client.ws.next() => match frame {
                         Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
                         Some(Ok(Message::Close(frame))) => {
-                            return Err(Failure::Closed(frame.map(|f| u16::from(f.code))))
+                            return Some(Err(Failure::Closed(frame.map(|f| u16::from(f.code)))))
                         }
                         Some(Ok(Message::Text(text))) => {
-                            return Err(Failure::Unexpected(format!("unrequested answer {text}")))
+                            return Some(Err(Failure::Unexpected(format!("unrequested answer {text}"))))
                         }
                         Some(Ok(Message::Binary(_))) => {
-                            return Err(Failure::Garbled("binary frame".into()))
+                            return Some(Err(Failure::Garbled("binary frame".into())))
                         }
-                        Some(Err(error)) => return Err(Failure::Receive(error.to_string())),
-                        None => return Err(Failure::Closed(None)),
+                        Some(Err(error)) => return Some(Err(Failure::Receive(error.to_string()))),
+                        None => return Some(Err(Failure::Closed(None))),
                     },
                 }
             }
@@ -816,10 +854,10 @@ async fn idle(args: Arc<Args>) -> Result<(), String> {
     let mut open = Vec::new();
     while let Some(joined) = tasks.join_next().await {
         match joined {
-            Ok(Ok(client)) => open.push(client),
-            // Connect failures were already counted.
-            Ok(Err(Failure::Connect(_))) => {}
-            Ok(Err(failure)) => stats.error(format!("while idle: {failure}")),
+            Ok(Some(Ok(client))) => open.push(client),
+            Ok(Some(Err(failure))) => stats.error(format!("while idle: {failure}")),
+            // Failed to open: already counted.
+            Ok(None) => {}
             Err(error) => stats.error(format!("client task failed: {error}")),
         }
     }
@@ -883,7 +921,7 @@ async fn check_lock_table(args: &Args) {
                 .unwrap_or(0);
             println!(
                 "lock table after the run: {entries} keys held or queued ({})",
-                if entries == 0 { "ok" } else { "LEFT OVER" }
+                if entries == 0 { "ok" } else { "NOT EMPTY" }
             );
             println!("server sessions open at that moment: {sessions}");
         }
