@@ -11,7 +11,6 @@
 //! dropped before it collected its outcome, the guard withdraws the request from the table,
 //! releasing whatever it had acquired (even a grant that had just arrived), so nothing leaks.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use tokio::sync::oneshot;
@@ -19,8 +18,9 @@ use tokio::time::Instant;
 
 use super::error::LockError;
 use super::snapshot::Snapshot;
-use super::table::{Acquired, LockTable};
+use super::table::{Acquired, LockTable, Now};
 use super::types::{FencingToken, Grant, Key, LockMode, SessionId};
+use super::FastMap;
 
 /// Settings of a [`LockManager`].
 #[derive(Clone, Debug)]
@@ -47,7 +47,7 @@ pub struct LockManager {
 struct State {
     table: LockTable,
     /// How to wake the caller of each waiting request.
-    wakers: HashMap<SessionId, oneshot::Sender<()>>,
+    wakers: FastMap<SessionId, oneshot::Sender<()>>,
 }
 
 impl State {
@@ -82,7 +82,7 @@ impl LockManager {
         LockManager {
             shared: Arc::new(Mutex::new(State {
                 table: LockTable::new(config.max_keys_per_request),
-                wakers: HashMap::new(),
+                wakers: FastMap::default(),
             })),
         }
     }
@@ -117,13 +117,18 @@ impl LockManager {
         mode: LockMode,
         deadline: Option<Instant>,
     ) -> Result<Grant, LockError> {
-        let now = Instant::now();
-        let may_wait = deadline.is_none_or(|d| d > now);
+        // The clock is read only when the deadline needs it; otherwise the table reads it if
+        // the request queues.
+        let (now, may_wait) = match deadline {
+            Some(deadline) => {
+                let now = Instant::now();
+                (Now::from(now.into_std()), deadline > now)
+            }
+            None => (Now::lazy(std_now), true),
+        };
         let (started, wakers) = {
             let mut state = self.lock();
-            let started = state
-                .table
-                .acquire(session.id, keys, mode, now.into_std(), may_wait);
+            let started = state.table.acquire(session.id, keys, mode, now, may_wait);
             let started = match started {
                 Ok(Acquired::Waiting) => {
                     let (tx, rx) = oneshot::channel();
@@ -158,7 +163,7 @@ impl LockManager {
     /// `SessionClosed`; `InvalidRequest` for an empty list or while a request of the session is
     /// in progress.
     pub fn release(&self, session: &Session, keys: &[Key]) -> Result<(), LockError> {
-        self.with_table(|table| table.release(session.id, keys, std_now()))
+        self.with_table(|table| table.release(session.id, keys, Now::lazy(std_now)))
     }
 
     /// Turns the session's exclusive locks on `keys` back into shared ones (keeping their
@@ -167,19 +172,19 @@ impl LockManager {
     /// # Errors
     /// As [`LockManager::release`].
     pub fn downgrade(&self, session: &Session, keys: &[Key]) -> Result<(), LockError> {
-        self.with_table(|table| table.downgrade(session.id, keys, std_now()))
+        self.with_table(|table| table.downgrade(session.id, keys, Now::lazy(std_now)))
     }
 
     /// Releases every lock of the session and withdraws its waiting request, if any (that
     /// request fails with `Cancelled`). Does nothing on a closed session.
     pub fn release_all(&self, session: &Session) {
-        let _closed = self.with_table(|table| table.release_all(session.id, std_now()));
+        let _closed = self.with_table(|table| table.release_all(session.id, Now::lazy(std_now)));
     }
 
     /// Closes the session with this id, wherever its handle is: its waiting request fails with
     /// `SessionClosed`, its locks are released. Returns false if it was not open.
     pub fn close_session(&self, id: SessionId) -> bool {
-        self.with_table(|table| table.close_session(id, std_now()))
+        self.with_table(|table| table.close_session(id, Now::lazy(std_now)))
     }
 
     /// The mode and fencing token under which the session holds `key`, if it does.
@@ -250,7 +255,7 @@ impl PendingRequest<'_> {
             let outcome = if woken {
                 state.table.take_outcome(self.session)
             } else {
-                Some(state.table.expire(self.session, std_now()))
+                Some(state.table.expire(self.session, Now::lazy(std_now)))
             };
             match outcome {
                 Some(outcome) => {
@@ -278,7 +283,7 @@ impl Drop for PendingRequest<'_> {
         }
         let session = self.session;
         self.manager
-            .with_table(|table| table.cancel(session, std_now()));
+            .with_table(|table| table.cancel(session, Now::lazy(std_now)));
         self.manager.lock().wakers.remove(&session);
     }
 }

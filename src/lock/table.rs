@@ -2,7 +2,8 @@
 //!
 //! It owns, for every key, the holders and the FIFO queue of waiters; for every session, the keys
 //! it holds and its one in-flight request; and the waits-for graph ([`super::waits_for`]). It has
-//! no clock, no channels and no tokio: every call gets `now`, runs to completion and leaves the
+//! no clock of its own, no channels and no tokio: every call gets its `now` (a time, or a clock to
+//! read if it needs the time), runs to completion and leaves the
 //! table consistent. The async shell ([`super::manager`]) wraps it in a mutex and wakes the
 //! callers listed by [`LockTable::take_concluded`].
 //!
@@ -20,7 +21,7 @@
 //! - every waiter has exactly the waits-for edges of rule 5 in `docs/semantics.md`, and the graph
 //!   is acyclic: a request that would close a cycle fails with `Deadlock` and is rolled back.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::VecDeque;
 use std::mem;
 use std::time::Instant;
 
@@ -28,6 +29,39 @@ use super::error::{CycleMember, LockError};
 use super::snapshot::{HolderSnapshot, KeySnapshot, Snapshot, WaiterSnapshot};
 use super::types::{FencingToken, Grant, Key, LockMode, SessionId};
 use super::waits_for::{SessionNode, WaitsForGraph};
+use super::{FastMap, FastSet};
+
+/// The time of a call, as the table needs it: only to stamp a waiter's `since`. Either given
+/// (tests, deterministic) or read from a clock the first time it is needed, so calls that never
+/// queue anything never read the clock.
+#[derive(Clone, Copy, Debug)]
+pub struct Now {
+    reading: Option<Instant>,
+    clock: fn() -> Instant,
+}
+
+impl Now {
+    /// A time read from `clock` on first use.
+    pub fn lazy(clock: fn() -> Instant) -> Self {
+        Now {
+            reading: None,
+            clock,
+        }
+    }
+
+    fn get(&mut self) -> Instant {
+        *self.reading.get_or_insert_with(self.clock)
+    }
+}
+
+impl From<Instant> for Now {
+    fn from(instant: Instant) -> Self {
+        Now {
+            reading: Some(instant),
+            clock: Instant::now,
+        }
+    }
+}
 
 /// What a call to [`LockTable::acquire`] did.
 #[derive(Debug, PartialEq, Eq)]
@@ -67,7 +101,7 @@ struct SessionState {
     /// The session's node in the waits-for graph.
     node: SessionNode,
     /// Every key this session holds (the mode and token are in the key's holder list).
-    held: HashSet<Key>,
+    held: FastSet<Key>,
     /// The request in flight, if any (at most one per session).
     request: Option<Request>,
 }
@@ -101,14 +135,24 @@ enum Phase {
 
 /// The result of trying to take one key at once.
 enum Attempt {
-    Granted(FencingToken),
+    /// The session already holds the key in the requested mode or a stronger one.
+    AlreadyHeld(FencingToken),
+    /// The key was free for this mode and is now held.
+    Acquired(FencingToken),
+    /// The session was the only holder of the key shared and now holds it exclusive; `old` is
+    /// the shared token, restored if the request is rolled back.
+    Upgraded {
+        token: FencingToken,
+        old: FencingToken,
+    },
+    /// The request must queue (as a conversion when the session holds the key shared).
     MustWait { conversion: bool },
 }
 
 /// The lock table. See the module documentation.
 pub struct LockTable {
-    keys: HashMap<Key, KeyState>,
-    sessions: HashMap<SessionId, SessionState>,
+    keys: FastMap<Key, KeyState>,
+    sessions: FastMap<SessionId, SessionState>,
     graph: WaitsForGraph,
     /// The last fencing token handed out.
     last_token: u64,
@@ -129,8 +173,8 @@ impl LockTable {
     /// An empty table that accepts requests of up to `max_keys_per_request` distinct keys.
     pub fn new(max_keys_per_request: usize) -> Self {
         LockTable {
-            keys: HashMap::new(),
-            sessions: HashMap::new(),
+            keys: FastMap::default(),
+            sessions: FastMap::default(),
             graph: WaitsForGraph::default(),
             last_token: 0,
             max_keys_per_request,
@@ -155,7 +199,7 @@ impl LockTable {
             id,
             SessionState {
                 node,
-                held: HashSet::new(),
+                held: FastSet::default(),
                 request: None,
             },
         );
@@ -170,7 +214,7 @@ impl LockTable {
     /// Closes `session`: its in-flight request is withdrawn (its caller, if waiting, is listed as
     /// concluded and will find the session closed), every lock it holds is released and the
     /// waiters behind it are re-examined. Returns false if the session was not open.
-    pub fn close_session(&mut self, session: SessionId, now: Instant) -> bool {
+    pub fn close_session(&mut self, session: SessionId, now: impl Into<Now>) -> bool {
         let Some(state) = self.sessions.get(&session) else {
             return false;
         };
@@ -184,7 +228,7 @@ impl LockTable {
         if let Some(state) = self.sessions.remove(&session) {
             self.graph.remove_session(state.node);
         }
-        self.settle(now);
+        self.settle(&mut now.into());
         true
     }
 
@@ -203,9 +247,10 @@ impl LockTable {
         session: SessionId,
         keys: &[Key],
         mode: LockMode,
-        now: Instant,
+        now: impl Into<Now>,
         may_wait: bool,
     ) -> Result<Acquired, LockError> {
+        let mut now = now.into();
         let mut sorted = keys.to_vec();
         sorted.sort_unstable();
         sorted.dedup();
@@ -237,11 +282,11 @@ impl LockTable {
             upgraded: Vec::new(),
             phase: Phase::Running,
         });
-        let outcome = self.advance(session, now, may_wait);
+        let outcome = self.advance(session, &mut now, may_wait);
         if !matches!(outcome, Ok(None)) {
             self.clear_request(session);
         }
-        self.settle(now);
+        self.settle(&mut now);
         match outcome {
             Ok(Some(grant)) => Ok(Acquired::Granted(grant)),
             Ok(None) => Ok(Acquired::Waiting),
@@ -268,14 +313,14 @@ impl LockTable {
     /// The deadline of `session`'s request passed: if it already concluded, its outcome is
     /// returned as is; otherwise it is withdrawn and rolled back, and the result is `Timeout`
     /// naming the key it was waiting for.
-    pub fn expire(&mut self, session: SessionId, now: Instant) -> Result<Grant, LockError> {
+    pub fn expire(&mut self, session: SessionId, now: impl Into<Now>) -> Result<Grant, LockError> {
         if let Some(outcome) = self.take_outcome(session) {
             return outcome;
         }
         let key = self.waiting_key(session);
         self.rollback(session);
         self.clear_request(session);
-        self.settle(now);
+        self.settle(&mut now.into());
         match key {
             Some(key) => Err(LockError::Timeout { key }),
             None => Err(LockError::SessionClosed),
@@ -284,7 +329,7 @@ impl LockTable {
 
     /// The caller of `session`'s request went away (its future was dropped): the request is
     /// withdrawn and everything it acquired is released, even if it had just been granted.
-    pub fn cancel(&mut self, session: SessionId, now: Instant) {
+    pub fn cancel(&mut self, session: SessionId, now: impl Into<Now>) {
         let Some(request) = self.sessions.get(&session).and_then(|s| s.request.as_ref()) else {
             return;
         };
@@ -292,7 +337,7 @@ impl LockTable {
             self.rollback(session);
         }
         self.clear_request(session);
-        self.settle(now);
+        self.settle(&mut now.into());
     }
 
     /// Releases `keys`.
@@ -305,12 +350,12 @@ impl LockTable {
         &mut self,
         session: SessionId,
         keys: &[Key],
-        now: Instant,
+        now: impl Into<Now>,
     ) -> Result<(), LockError> {
         for key in self.held_by(session, keys)? {
             self.remove_holder(session, &key);
         }
-        self.settle(now);
+        self.settle(&mut now.into());
         Ok(())
     }
 
@@ -325,7 +370,7 @@ impl LockTable {
         &mut self,
         session: SessionId,
         keys: &[Key],
-        now: Instant,
+        now: impl Into<Now>,
     ) -> Result<(), LockError> {
         for key in self.held_by(session, keys)? {
             if let Some(holder) = self
@@ -339,7 +384,7 @@ impl LockTable {
                 }
             }
         }
-        self.settle(now);
+        self.settle(&mut now.into());
         Ok(())
     }
 
@@ -377,7 +422,11 @@ impl LockTable {
     ///
     /// # Errors
     /// `SessionClosed` if the session is not open.
-    pub fn release_all(&mut self, session: SessionId, now: Instant) -> Result<(), LockError> {
+    pub fn release_all(
+        &mut self,
+        session: SessionId,
+        now: impl Into<Now>,
+    ) -> Result<(), LockError> {
         let state = self
             .sessions
             .get(&session)
@@ -392,7 +441,7 @@ impl LockTable {
             }
         }
         self.release_everything(session);
-        self.settle(now);
+        self.settle(&mut now.into());
         Ok(())
     }
 
@@ -469,97 +518,58 @@ impl LockTable {
     fn advance(
         &mut self,
         session: SessionId,
-        now: Instant,
+        now: &mut Now,
         may_wait: bool,
     ) -> Result<Option<Grant>, LockError> {
         loop {
-            let Some(request) = self.request_mut(session) else {
+            let Some(state) = self.sessions.get_mut(&session) else {
+                return Err(LockError::SessionClosed);
+            };
+            let node = state.node;
+            let Some(request) = state.request.as_mut() else {
                 return Err(LockError::SessionClosed);
             };
             let Some(key) = request.keys.get(request.next).cloned() else {
                 return Ok(Some(Grant {
-                    tokens: request.tokens.clone(),
+                    tokens: mem::take(&mut request.tokens),
                 }));
             };
             let mode = request.mode;
-            match self.try_take(session, &key, mode) {
-                Attempt::Granted(token) => {
-                    if let Some(request) = self.request_mut(session) {
-                        request.tokens.push((key, token));
-                        request.next += 1;
+            let entry = self.keys.entry(key.clone()).or_default();
+            let (token, refresh) =
+                match take_at_once(entry, session, node, mode, &mut self.last_token) {
+                    Attempt::AlreadyHeld(token) => (token, false),
+                    Attempt::Acquired(token) => {
+                        state.held.insert(key.clone());
+                        request.acquired.push(key.clone());
+                        (token, false)
                     }
-                }
-                Attempt::MustWait { conversion } => {
-                    let failure = if may_wait {
-                        self.wait(session, key, mode, conversion, now).err()
-                    } else {
-                        Some(LockError::Timeout { key })
-                    };
-                    return match failure {
-                        None => Ok(None),
-                        Some(error) => {
-                            self.rollback(session);
-                            Err(error)
-                        }
-                    };
-                }
+                    Attempt::Upgraded { token, old } => {
+                        request.upgraded.push((key.clone(), old));
+                        // Shared waiters now conflict with this holder.
+                        (token, !entry.queue.is_empty())
+                    }
+                    Attempt::MustWait { conversion } => {
+                        let failure = if may_wait {
+                            self.wait(session, key, mode, conversion, now).err()
+                        } else {
+                            Some(LockError::Timeout { key })
+                        };
+                        return match failure {
+                            None => Ok(None),
+                            Some(error) => {
+                                self.rollback(session);
+                                Err(error)
+                            }
+                        };
+                    }
+                };
+            request.tokens.push((key.clone(), token));
+            request.next += 1;
+            if refresh {
+                self.refresh_edges(&key);
             }
         }
-    }
-
-    /// Grants `key` to `session` at once if the rules allow it (recording the change in the
-    /// request's undo log), or says that it must wait.
-    fn try_take(&mut self, session: SessionId, key: &Key, mode: LockMode) -> Attempt {
-        let Some(state) = self.sessions.get_mut(&session) else {
-            return Attempt::MustWait { conversion: false };
-        };
-        let node = state.node;
-        let entry = self.keys.entry(key.clone()).or_default();
-        let mine = entry.holders.iter().position(|h| h.session == session);
-        if let Some(index) = mine {
-            let held = &entry.holders[index];
-            if held.mode >= mode {
-                return Attempt::Granted(held.token);
-            }
-            // An upgrade: at once if nobody else holds the key, else first in the queue.
-            if entry.holders.len() > 1 {
-                return Attempt::MustWait { conversion: true };
-            }
-            self.last_token += 1;
-            let token = FencingToken(self.last_token);
-            let old_token = mem::replace(&mut entry.holders[index].token, token);
-            entry.holders[index].mode = mode;
-            let has_waiters = !entry.queue.is_empty();
-            if let Some(request) = state.request.as_mut() {
-                request.upgraded.push((key.clone(), old_token));
-            }
-            if has_waiters {
-                // Shared waiters now conflict with this holder.
-                self.refresh_edges(key);
-            }
-            return Attempt::Granted(token);
-        }
-        let free = entry.queue.is_empty()
-            && entry
-                .holders
-                .iter()
-                .all(|h| mode.is_compatible_with(h.mode));
-        if !free {
-            return Attempt::MustWait { conversion: false };
-        }
-        self.last_token += 1;
-        let token = FencingToken(self.last_token);
-        entry.holders.push(Holder {
-            session,
-            node,
-            mode,
-            token,
-        });
-        state.held.insert(key.clone());
-        if let Some(request) = state.request.as_mut() {
-            request.acquired.push(key.clone());
-        }
-        Attempt::Granted(token)
     }
 
     /// Queues `session` on `key`, gives it its waits-for edges and checks for a cycle through it.
@@ -570,7 +580,7 @@ impl LockTable {
         key: Key,
         mode: LockMode,
         conversion: bool,
-        now: Instant,
+        now: &mut Now,
     ) -> Result<(), LockError> {
         let Some(node) = self.sessions.get(&session).map(|s| s.node) else {
             return Err(LockError::SessionClosed);
@@ -580,7 +590,7 @@ impl LockTable {
             node,
             mode,
             conversion,
-            since: now,
+            since: now.get(),
         };
         let entry = self.keys.entry(key.clone()).or_default();
         if conversion {
@@ -671,7 +681,7 @@ impl LockTable {
     /// Re-examines dirty keys (granting what can be granted) and continues the requests that
     /// were granted their key, until nothing changes. Keys are re-examined before any request
     /// continues, so every cycle check sees exact edges.
-    fn settle(&mut self, now: Instant) {
+    fn settle(&mut self, now: &mut Now) {
         loop {
             while let Some(key) = self.dirty.pop() {
                 self.grant_waiters(&key);
@@ -831,4 +841,48 @@ impl LockTable {
             _ => None,
         }
     }
+}
+
+/// Grants the key whose state is `entry` to `session` at once if the rules allow it: a mode it
+/// already holds, an upgrade when it is the only holder, or a new lock when the mode is compatible
+/// with every holder and nobody is queued (no barging).
+fn take_at_once(
+    entry: &mut KeyState,
+    session: SessionId,
+    node: SessionNode,
+    mode: LockMode,
+    last_token: &mut u64,
+) -> Attempt {
+    let only_holder = entry.holders.len() == 1;
+    if let Some(held) = entry.holders.iter_mut().find(|h| h.session == session) {
+        if held.mode >= mode {
+            return Attempt::AlreadyHeld(held.token);
+        }
+        // An upgrade: at once if nobody else holds the key, else first in the queue.
+        if !only_holder {
+            return Attempt::MustWait { conversion: true };
+        }
+        *last_token += 1;
+        let token = FencingToken(*last_token);
+        let old = mem::replace(&mut held.token, token);
+        held.mode = mode;
+        return Attempt::Upgraded { token, old };
+    }
+    let free = entry.queue.is_empty()
+        && entry
+            .holders
+            .iter()
+            .all(|h| mode.is_compatible_with(h.mode));
+    if !free {
+        return Attempt::MustWait { conversion: false };
+    }
+    *last_token += 1;
+    let token = FencingToken(*last_token);
+    entry.holders.push(Holder {
+        session,
+        node,
+        mode,
+        token,
+    });
+    Attempt::Acquired(token)
 }
