@@ -321,9 +321,18 @@ impl ServerProcess {
         ServerProcess { child, addr }
     }
 
-    fn kill(mut self) {
-        self.child.kill().expect("SIGKILL");
-        self.child.wait().expect("reaped");
+    /// Kills the server with SIGKILL and reaps it (what `Drop` does).
+    fn kill(self) {
+        drop(self);
+    }
+}
+
+impl Drop for ServerProcess {
+    /// Kills the server whatever happens to the test, so a failing assertion never leaves a
+    /// server process behind.
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
