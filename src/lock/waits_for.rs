@@ -35,6 +35,9 @@ pub struct WaitsForGraph {
     epoch: u32,
     /// The depth-first search stack, kept to reuse its allocation.
     stack: Vec<SessionNode>,
+    /// Scratch space of `set_waits_for`: the wanted targets and the edges to remove.
+    wanted: Vec<SessionNode>,
+    stale: Vec<petgraph::stable_graph::EdgeIndex<u32>>,
 }
 
 impl WaitsForGraph {
@@ -51,23 +54,26 @@ impl WaitsForGraph {
     /// Replaces the out-edges of `waiter` by edges to `targets` (duplicates and `waiter` itself are
     /// ignored: a session never waits for itself).
     pub fn set_waits_for(&mut self, waiter: SessionNode, targets: &[SessionNode]) {
-        let unchanged = {
-            let mut current: Vec<SessionNode> = self.graph.neighbors(waiter).collect();
-            let mut wanted: Vec<SessionNode> =
-                targets.iter().copied().filter(|&t| t != waiter).collect();
-            current.sort_unstable();
-            wanted.sort_unstable();
-            wanted.dedup();
-            current == wanted
-        };
-        if unchanged {
-            return;
-        }
-        self.clear_waits(waiter);
-        for &target in targets {
-            if target != waiter {
-                self.graph.update_edge(waiter, target, ());
+        self.wanted.clear();
+        self.wanted
+            .extend(targets.iter().copied().filter(|&t| t != waiter));
+        self.wanted.sort_unstable();
+        self.wanted.dedup();
+        // Remove the edges no longer wanted; what is left of `wanted` afterwards is new.
+        self.stale.clear();
+        for edge in self.graph.edges_directed(waiter, Direction::Outgoing) {
+            match self.wanted.binary_search(&edge.target()) {
+                Ok(index) => {
+                    self.wanted.remove(index);
+                }
+                Err(_) => self.stale.push(edge.id()),
             }
+        }
+        for &edge in &self.stale {
+            self.graph.remove_edge(edge);
+        }
+        for &target in &self.wanted {
+            self.graph.add_edge(waiter, target, ());
         }
     }
 
