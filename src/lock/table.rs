@@ -79,6 +79,10 @@ struct KeyState {
     holders: Vec<Holder>,
     /// Sessions waiting for the key, head first; conversions before new requests.
     queue: VecDeque<Waiter>,
+    /// The waiters' edges must be recomputed from scratch when the key is next re-examined
+    /// (after the rare changes that are not a holder or a waiter simply leaving: a holder
+    /// downgraded or an upgrade undone, a conversion withdrawn).
+    edges_stale: bool,
 }
 
 struct Holder {
@@ -380,6 +384,7 @@ impl LockTable {
             {
                 if holder.mode == LockMode::Exclusive {
                     holder.mode = LockMode::Shared;
+                    self.mark_edges_stale(&key);
                     self.dirty.push(key);
                 }
             }
@@ -625,11 +630,8 @@ impl LockTable {
             })
             .collect();
         // The requester is the victim: out of the queue and the graph. Its rollback (by the
-        // caller) re-examines the key, which also recomputes the other waiters' edges.
-        if let Some(entry) = self.keys.get_mut(&key) {
-            entry.queue.retain(|w| w.session != session);
-        }
-        self.graph.clear_waits(node);
+        // caller) re-examines the key.
+        self.remove_waiter(session, node, &key);
         if let Some(request) = self.request_mut(session) {
             request.phase = Phase::Running;
         }
@@ -654,10 +656,7 @@ impl LockTable {
         request.tokens.clear();
         request.next = 0;
         if let Phase::Waiting { key } = phase {
-            if let Some(entry) = self.keys.get_mut(&key) {
-                entry.queue.retain(|w| w.session != session);
-            }
-            self.graph.clear_waits(node);
+            self.remove_waiter(session, node, &key);
             self.dirty.push(key);
         }
         for key in acquired {
@@ -672,6 +671,7 @@ impl LockTable {
                 holder.mode = LockMode::Shared;
                 holder.token = token;
             }
+            self.mark_edges_stale(&key);
             self.dirty.push(key);
         }
     }
@@ -758,9 +758,11 @@ impl LockTable {
             self.graph.clear_waits(waiter.node);
             self.ready.push_back(waiter.session);
         }
+        // A granted waiter keeps the edges the waiters behind it had to it: it now holds the
+        // mode it was queued for, which conflicts with them exactly as before.
         if entry.holders.is_empty() && entry.queue.is_empty() {
             self.keys.remove(key);
-        } else {
+        } else if mem::take(&mut entry.edges_stale) {
             self.refresh_edges(key);
         }
     }
@@ -808,13 +810,54 @@ impl LockTable {
 
     /// Removes `session` from `key`'s holders and marks the key for re-examination.
     fn remove_holder(&mut self, session: SessionId, key: &Key) {
-        if let Some(entry) = self.keys.get_mut(key) {
-            entry.holders.retain(|h| h.session != session);
+        let node = self.keys.get_mut(key).and_then(|entry| {
+            let index = entry.holders.iter().position(|h| h.session == session)?;
+            Some(entry.holders.remove(index).node)
+        });
+        if let Some(node) = node {
+            self.drop_edges_into(node, key);
         }
         if let Some(state) = self.sessions.get_mut(&session) {
             state.held.remove(key);
         }
         self.dirty.push(key.clone());
+    }
+
+    /// Takes `session` out of `key`'s queue and the graph. The waiters behind a plain waiter lose
+    /// their edges to it; behind a conversion (whose session still holds the key shared) their
+    /// edges are recomputed when the key is re-examined.
+    fn remove_waiter(&mut self, session: SessionId, node: SessionNode, key: &Key) {
+        let mut conversion = false;
+        if let Some(entry) = self.keys.get_mut(key) {
+            if let Some(index) = entry.queue.iter().position(|w| w.session == session) {
+                conversion = entry.queue.remove(index).is_some_and(|w| w.conversion);
+            }
+        }
+        self.graph.clear_waits(node);
+        if conversion {
+            self.mark_edges_stale(key);
+        } else {
+            self.drop_edges_into(node, key);
+        }
+    }
+
+    /// Removes the edges that waiters of `key` have to `target`: `target` no longer holds the
+    /// key nor waits for it. (A waiter's edges all come from the one key it waits on, so edges
+    /// of waiters on other keys stay.)
+    fn drop_edges_into(&mut self, target: SessionNode, key: &Key) {
+        let sessions = &self.sessions;
+        self.graph.remove_edges_into(target, |source| {
+            sessions
+                .get(&source)
+                .and_then(|s| s.request.as_ref())
+                .is_some_and(|r| matches!(&r.phase, Phase::Waiting { key: k } if k == key))
+        });
+    }
+
+    fn mark_edges_stale(&mut self, key: &Key) {
+        if let Some(entry) = self.keys.get_mut(key) {
+            entry.edges_stale = true;
+        }
     }
 
     /// Releases every key `session` holds, in key order.

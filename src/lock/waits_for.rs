@@ -77,6 +77,23 @@ impl WaitsForGraph {
         }
     }
 
+    /// Removes the edges into `target` whose waiter `from` accepts.
+    pub fn remove_edges_into(
+        &mut self,
+        target: SessionNode,
+        mut from: impl FnMut(SessionId) -> bool,
+    ) {
+        self.stale.clear();
+        for edge in self.graph.edges_directed(target, Direction::Incoming) {
+            if from(self.graph[edge.source()]) {
+                self.stale.push(edge.id());
+            }
+        }
+        for &edge in &self.stale {
+            self.graph.remove_edge(edge);
+        }
+    }
+
     /// Removes every out-edge of `waiter`: it is no longer waiting.
     pub fn clear_waits(&mut self, waiter: SessionNode) {
         while let Some(edge) = self
