@@ -281,10 +281,15 @@ impl Drop for PendingRequest<'_> {
         if !self.armed {
             return;
         }
-        let session = self.session;
-        self.manager
-            .with_table(|table| table.cancel(session, Now::lazy(std_now)));
-        self.manager.lock().wakers.remove(&session);
+        // One critical section: the waker of this request goes with the request, so it can never
+        // be mistaken for the waker of a later request of the same session.
+        let wakers = {
+            let mut state = self.manager.lock();
+            state.wakers.remove(&self.session);
+            state.table.cancel(self.session, Now::lazy(std_now));
+            state.concluded_wakers()
+        };
+        wakers.wake();
     }
 }
 
