@@ -158,10 +158,11 @@ impl ClientSession {
             acquired: Vec::new(),
             upgraded: Vec::new(),
         };
-        for key in keys {
-            match self.context.locks.held_mode(&self.session, key) {
+        let held = self.context.locks.held_modes(&self.session, keys);
+        for (key, held) in keys.iter().zip(held) {
+            match held {
                 None => added.acquired.push(key.clone()),
-                Some((LockMode::Shared, _)) if mode == LockMode::Exclusive => {
+                Some(LockMode::Shared) if mode == LockMode::Exclusive => {
                     added.upgraded.push(key.clone())
                 }
                 Some(_) => {}

@@ -192,6 +192,15 @@ impl LockManager {
         self.lock().table.held_mode(session.id, key)
     }
 
+    /// The mode in which the session holds each of `keys` (`None`: not held), read at one
+    /// instant under one lock.
+    pub fn held_modes(&self, session: &Session, keys: &[Key]) -> Vec<Option<LockMode>> {
+        let state = self.lock();
+        keys.iter()
+            .map(|key| state.table.held_mode(session.id, key).map(|(mode, _)| mode))
+            .collect()
+    }
+
     /// Every key the session holds, sorted.
     pub fn held_keys(&self, session: &Session) -> Vec<Key> {
         self.lock().table.held_keys(session.id)
