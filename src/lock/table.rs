@@ -401,11 +401,13 @@ impl LockTable {
             .get(&session)
             .ok_or(LockError::SessionClosed)?;
         if keys.is_empty() {
-            return Err(LockError::invalid("a release must name at least one key"));
+            return Err(LockError::invalid(
+                "a release or downgrade must name at least one key",
+            ));
         }
         if state.request.is_some() {
             return Err(LockError::invalid(
-                "cannot release while a request of this session is in progress",
+                "cannot release or downgrade while a request of this session is in progress",
             ));
         }
         let mut sorted = keys.to_vec();
