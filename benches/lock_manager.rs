@@ -13,9 +13,12 @@
 //! - `contended`: 64 tasks on a 2-worker tokio runtime over 16 keys, random modes, each doing a
 //!   fixed number of acquire/yield/release rounds with a deadline; the time for the whole batch.
 //! - `wait_and_cycle_check`: on a `LockTable` already holding 1k or 10k waiting sessions (a
-//!   random forest, or one long chain), one new request that must wait (enqueue, edges, cycle
-//!   search) and its withdrawal (`cancel`); and one request that closes a cycle (`Deadlock`).
-//! - `cycle_through`: the bare depth-first search of `WaitsForGraph::cycle_through`.
+//!   random forest, or one long chain, or all queued on one hot key), one new request that must
+//!   wait (enqueue, cycle search) and its withdrawal (`cancel`); and one request that closes a
+//!   cycle (`Deadlock`).
+//! - `handoff`: one key with 10 to 10,000 exclusive waiters; the holder releases it, the head of
+//!   the queue is granted, and the old holder queues again at the tail (so the queue length stays
+//!   the same): the cost of one handoff as the queue grows.
 
 use std::hint::black_box;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -23,7 +26,6 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use futures_util::FutureExt;
-use locksmith::lock::waits_for::{SessionNode, WaitsForGraph};
 use locksmith::lock::{
     Acquired, Key, LockError, LockManager, LockManagerConfig, LockMode, LockTable, SessionId,
 };
@@ -38,6 +40,29 @@ const SIZES: [usize; 2] = [1_000, 10_000];
 
 fn key(i: usize) -> Key {
     Key::from(format!("k{i:05}"))
+}
+
+/// Opens `n` sessions with ids counted from `first`.
+fn open_sessions(table: &mut LockTable, first: usize, n: usize) -> Vec<SessionId> {
+    (first..first + n)
+        .map(|i| {
+            let id = SessionId::from_u128(i as u128);
+            table.open_session(id).expect("a fresh id");
+            id
+        })
+        .collect()
+}
+
+/// `acquire` on the table, its effects dropped (nobody waits in these set-ups but the sessions
+/// the benchmark drives itself).
+fn table_acquire(
+    table: &mut LockTable,
+    id: SessionId,
+    keys: &[Key],
+    mode: LockMode,
+    now: Instant,
+) -> Result<Acquired, LockError> {
+    table.acquire(id, keys, mode, now, true).0
 }
 
 // ----- a) uncontended acquire + release -----------------------------------------------------
@@ -64,17 +89,16 @@ fn uncontended(c: &mut Criterion) {
     });
 
     let mut table = LockTable::new(MAX_KEYS);
-    let id = table.open_session();
+    let id = open_sessions(&mut table, 0, 1)[0];
     let now = Instant::now();
     group.bench_function("table_acquire_release_1_key", |b| {
         b.iter(|| {
-            let acquired = table
-                .acquire(id, black_box(&keys), LockMode::Exclusive, now, true)
-                .expect("an uncontended acquire is granted");
+            let acquired =
+                table_acquire(&mut table, id, black_box(&keys), LockMode::Exclusive, now)
+                    .expect("an uncontended acquire is granted");
             black_box(acquired);
-            table
-                .release(id, black_box(&keys), now)
-                .expect("the key is held");
+            let (released, _) = table.release(id, black_box(&keys), now);
+            released.expect("the key is held");
         })
     });
     group.finish();
@@ -105,17 +129,16 @@ fn sorted_8_keys(c: &mut Criterion) {
     });
 
     let mut table = LockTable::new(MAX_KEYS);
-    let id = table.open_session();
+    let id = open_sessions(&mut table, 0, 1)[0];
     let now = Instant::now();
     group.bench_function("table_acquire_release_8_keys", |b| {
         b.iter(|| {
-            let acquired = table
-                .acquire(id, black_box(&keys), LockMode::Exclusive, now, true)
-                .expect("an uncontended acquire is granted");
+            let acquired =
+                table_acquire(&mut table, id, black_box(&keys), LockMode::Exclusive, now)
+                    .expect("an uncontended acquire is granted");
             black_box(acquired);
-            table
-                .release(id, black_box(&keys), now)
-                .expect("the keys are held");
+            let (released, _) = table.release(id, black_box(&keys), now);
+            released.expect("the keys are held");
         })
     });
     group.finish();
@@ -214,9 +237,9 @@ fn contended(c: &mut Criterion) {
 /// A table with `waiting + 1` sessions; session `i` holds `key(i)` exclusively.
 fn holders(waiting: usize, now: Instant) -> (LockTable, Vec<SessionId>) {
     let mut table = LockTable::new(MAX_KEYS);
-    let sessions: Vec<SessionId> = (0..=waiting).map(|_| table.open_session()).collect();
+    let sessions = open_sessions(&mut table, 0, waiting + 1);
     for (i, &s) in sessions.iter().enumerate() {
-        let acquired = table.acquire(s, &[key(i)], LockMode::Exclusive, now, true);
+        let acquired = table_acquire(&mut table, s, &[key(i)], LockMode::Exclusive, now);
         assert!(matches!(acquired, Ok(Acquired::Granted(_))));
     }
     (table, sessions)
@@ -230,7 +253,13 @@ fn random_forest(waiting: usize, now: Instant) -> (LockTable, Vec<SessionId>) {
     let mut rng = SmallRng::seed_from_u64(7);
     for (i, &session) in sessions.iter().enumerate().skip(1) {
         let parent = rng.random_range(0..i);
-        let acquired = table.acquire(session, &[key(parent)], LockMode::Exclusive, now, true);
+        let acquired = table_acquire(
+            &mut table,
+            session,
+            &[key(parent)],
+            LockMode::Exclusive,
+            now,
+        );
         assert!(matches!(acquired, Ok(Acquired::Waiting)));
     }
     (table, sessions)
@@ -241,10 +270,24 @@ fn random_forest(waiting: usize, now: Instant) -> (LockTable, Vec<SessionId>) {
 fn chain(waiting: usize, now: Instant) -> (LockTable, Vec<SessionId>) {
     let (mut table, sessions) = holders(waiting, now);
     for (i, &session) in sessions.iter().enumerate().take(waiting) {
-        let acquired = table.acquire(session, &[key(i + 1)], LockMode::Exclusive, now, true);
+        let acquired = table_acquire(&mut table, session, &[key(i + 1)], LockMode::Exclusive, now);
         assert!(matches!(acquired, Ok(Acquired::Waiting)));
     }
     (table, sessions)
+}
+
+/// One hot key: session 0 holds `key(0)` exclusively and `waiting` sessions holding nothing are
+/// queued for it. Returns the table, the holder and the waiters.
+fn hot_key(waiting: usize, now: Instant) -> (LockTable, SessionId, Vec<SessionId>) {
+    let mut table = LockTable::new(MAX_KEYS);
+    let sessions = open_sessions(&mut table, 0, waiting + 1);
+    let acquired = table_acquire(&mut table, sessions[0], &[key(0)], LockMode::Exclusive, now);
+    assert!(matches!(acquired, Ok(Acquired::Granted(_))));
+    for &session in &sessions[1..] {
+        let acquired = table_acquire(&mut table, session, &[key(0)], LockMode::Exclusive, now);
+        assert!(matches!(acquired, Ok(Acquired::Waiting)));
+    }
+    (table, sessions[0], sessions[1..].to_vec())
 }
 
 /// Measures a request of `requester` for each key of `targets` in turn (cycling) that must wait,
@@ -257,16 +300,22 @@ fn bench_wait_cancel(
     now: Instant,
 ) {
     for target in targets {
-        let acquired = table.acquire(requester, target, LockMode::Exclusive, now, true);
+        let acquired = table_acquire(table, requester, target, LockMode::Exclusive, now);
         assert!(matches!(acquired, Ok(Acquired::Waiting)));
-        table.cancel(requester, now);
+        let _ = table.cancel(requester, now);
     }
     let mut next = targets.iter().cycle();
     b.iter(|| {
         let target = next.next().expect("targets is not empty");
-        let acquired = table.acquire(requester, black_box(target), LockMode::Exclusive, now, true);
+        let acquired = table_acquire(
+            table,
+            requester,
+            black_box(target),
+            LockMode::Exclusive,
+            now,
+        );
         black_box(acquired.is_ok());
-        table.cancel(requester, now);
+        let _ = table.cancel(requester, now);
     })
 }
 
@@ -280,13 +329,19 @@ fn bench_deadlock(
     now: Instant,
 ) {
     for target in targets {
-        let acquired = table.acquire(requester, target, LockMode::Exclusive, now, true);
+        let acquired = table_acquire(table, requester, target, LockMode::Exclusive, now);
         assert!(matches!(acquired, Err(LockError::Deadlock { .. })));
     }
     let mut next = targets.iter().cycle();
     b.iter(|| {
         let target = next.next().expect("targets is not empty");
-        black_box(table.acquire(requester, black_box(target), LockMode::Exclusive, now, true))
+        black_box(table_acquire(
+            table,
+            requester,
+            black_box(target),
+            LockMode::Exclusive,
+            now,
+        ))
     })
 }
 
@@ -294,17 +349,33 @@ fn wait_and_cycle_check(c: &mut Criterion) {
     let mut group = c.benchmark_group("wait_and_cycle_check");
     let now = Instant::now();
     for waiting in SIZES {
-        // Random forest: a fresh session waits on a random key (its holder and the waiters ahead
-        // of it are reachable, and from them every ancestor up to the root).
+        // Random forest: a session holding a key somebody waits for requests a random key (its
+        // holder and, from it, every ancestor up to the root are reachable).
         let (mut table, sessions) = random_forest(waiting, now);
-        let probe = table.open_session();
+        let probe = open_sessions(&mut table, waiting + 1, 2);
+        let acquired = table_acquire(
+            &mut table,
+            probe[0],
+            &[key(waiting + 1)],
+            LockMode::Exclusive,
+            now,
+        );
+        assert!(matches!(acquired, Ok(Acquired::Granted(_))));
+        let acquired = table_acquire(
+            &mut table,
+            probe[1],
+            &[key(waiting + 1)],
+            LockMode::Exclusive,
+            now,
+        );
+        assert!(matches!(acquired, Ok(Acquired::Waiting)));
         let mut rng = SmallRng::seed_from_u64(11);
         let targets: Vec<[Key; 1]> = (0..1024)
             .map(|_| [key(rng.random_range(0..=waiting))])
             .collect();
         group.bench_function(
             BenchmarkId::new("random_forest_wait_cancel", waiting),
-            |b| bench_wait_cancel(b, &mut table, probe, &targets, now),
+            |b| bench_wait_cancel(b, &mut table, probe[0], &targets, now),
         );
         // The root requests a key of a random waiting session: every waiting session leads back
         // to the root, so this closes a cycle.
@@ -318,43 +389,90 @@ fn wait_and_cycle_check(c: &mut Criterion) {
 
         // Long chain s0 -> s1 -> ... -> sN.
         let (mut table, sessions) = chain(waiting, now);
-        let probe = table.open_session();
-        // Waiting on the head: the whole chain is reachable, the search visits all of it.
+        // Waiting on the head: the whole chain is reachable, the search visits all of it. The
+        // probe holds a key with a waiter, so it is searched.
+        let probe = sessions[waiting];
+        let _ = probe;
+        let extra = open_sessions(&mut table, waiting + 1, 2);
+        let acquired = table_acquire(
+            &mut table,
+            extra[0],
+            &[key(waiting + 1)],
+            LockMode::Exclusive,
+            now,
+        );
+        assert!(matches!(acquired, Ok(Acquired::Granted(_))));
+        let acquired = table_acquire(
+            &mut table,
+            extra[1],
+            &[key(waiting + 1)],
+            LockMode::Exclusive,
+            now,
+        );
+        assert!(matches!(acquired, Ok(Acquired::Waiting)));
         group.bench_function(
             BenchmarkId::new("chain_wait_on_head_cancel", waiting),
-            |b| bench_wait_cancel(b, &mut table, probe, &[[key(0)]], now),
+            |b| bench_wait_cancel(b, &mut table, extra[0], &[[key(0)]], now),
         );
         // Waiting on the tail (the running session): one node reachable, however long the chain.
         group.bench_function(
             BenchmarkId::new("chain_wait_on_tail_cancel", waiting),
-            |b| bench_wait_cancel(b, &mut table, probe, &[[key(waiting)]], now),
+            |b| bench_wait_cancel(b, &mut table, extra[0], &[[key(waiting)]], now),
         );
         // The tail requests the head's key: a cycle through all N + 1 sessions.
         group.bench_function(BenchmarkId::new("chain_closing_deadlock", waiting), |b| {
             bench_deadlock(b, &mut table, sessions[waiting], &[[key(0)]], now)
         });
+        drop(table);
+
+        // One hot key with `waiting` sessions queued on it.
+        let (mut table, holder, _) = hot_key(waiting, now);
+        let probe = open_sessions(&mut table, waiting + 1, 2);
+        // A session holding nothing joins the tail: nobody can wait for it, no search.
+        group.bench_function(BenchmarkId::new("hot_key_tail_wait_cancel", waiting), |b| {
+            bench_wait_cancel(b, &mut table, probe[0], &[[key(0)]], now)
+        });
+        // A session holding a key somebody waits for joins the tail: searched (the hot key's
+        // holder is reachable; its queue is not scanned).
+        let acquired = table_acquire(&mut table, probe[0], &[key(1)], LockMode::Exclusive, now);
+        assert!(matches!(acquired, Ok(Acquired::Granted(_))));
+        let acquired = table_acquire(&mut table, probe[1], &[key(1)], LockMode::Exclusive, now);
+        assert!(matches!(acquired, Ok(Acquired::Waiting)));
+        group.bench_function(
+            BenchmarkId::new("hot_key_searched_wait_cancel", waiting),
+            |b| bench_wait_cancel(b, &mut table, probe[0], &[[key(0)]], now),
+        );
+        // The hot key's holder requests a key held by a session queued behind `waiting` others
+        // on the hot key: a two-session cycle, found without scanning the queue.
+        let acquired = table_acquire(&mut table, probe[0], &[key(0)], LockMode::Exclusive, now);
+        assert!(matches!(acquired, Ok(Acquired::Waiting)));
+        group.bench_function(BenchmarkId::new("hot_key_deadlock", waiting), |b| {
+            bench_deadlock(b, &mut table, holder, &[[key(1)]], now)
+        });
     }
     group.finish();
 }
 
-// ----- the bare cycle search ----------------------------------------------------------------------
+// ----- e) one handoff as the queue grows ------------------------------------------------------------
 
-fn cycle_through(c: &mut Criterion) {
-    let mut group = c.benchmark_group("cycle_through");
-    for waiting in SIZES {
-        // A chain 0 -> 1 -> ... -> N with no back edge: the search from 0 visits N + 1 nodes.
-        let mut graph = WaitsForGraph::default();
-        let nodes: Vec<SessionNode> = (0..=waiting)
-            .map(|_| graph.add_session(SessionId::new_random()))
-            .collect();
-        for pair in nodes.windows(2) {
-            graph.set_waits_for(pair[0], &[pair[1]]);
-        }
-        group.throughput(Throughput::Elements(waiting as u64 + 1));
-        group.bench_function(
-            BenchmarkId::new("chain_from_head_nodes_visited", waiting),
-            |b| b.iter(|| black_box(graph.cycle_through(black_box(nodes[0])))),
-        );
+fn handoff(c: &mut Criterion) {
+    let mut group = c.benchmark_group("handoff");
+    let now = Instant::now();
+    for waiting in [10, 100, 1_000, 10_000] {
+        let (mut table, mut holder, _) = hot_key(waiting, now);
+        let hot = [key(0)];
+        group.bench_function(BenchmarkId::new("exclusive_waiters", waiting), |b| {
+            b.iter(|| {
+                let (released, effects) = table.release(holder, black_box(&hot), now);
+                released.expect("the holder holds the hot key");
+                let next = effects.concluded[0];
+                let grant = table.take_outcome(next);
+                black_box(grant);
+                let requeued = table_acquire(&mut table, holder, &hot, LockMode::Exclusive, now);
+                debug_assert!(matches!(requeued, Ok(Acquired::Waiting)));
+                holder = next;
+            })
+        });
     }
     group.finish();
 }
@@ -369,6 +487,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = benches;
     config = config();
-    targets = uncontended, sorted_8_keys, contended, wait_and_cycle_check, cycle_through
+    targets = uncontended, sorted_8_keys, contended, wait_and_cycle_check, handoff
 }
 criterion_main!(benches);

@@ -6,16 +6,16 @@
 //! [`Request`]s and sends back what it returns.
 //!
 //! `read` and `write` take the locks they need, use the store, and then give back exactly the
-//! locks they added: keys the session held before keep the mode they had (a write upgrades a
-//! shared key and downgrades it again afterwards), so a request without `hold_lock` leaves the
-//! session's locks as it found them, whether it succeeds or fails.
+//! locks they added, as the grant lists them ([`Taken`]): keys the session held before keep the
+//! mode they had (a write upgrades a shared key and downgrades it again afterwards), so a request
+//! without `hold_lock` leaves the session's locks as it found them, whether it succeeds or fails.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::lock::{Grant, Key, LockError, LockManager, LockMode, Session, SessionId};
+use crate::lock::{Grant, Key, LockError, LockManager, LockMode, Session, SessionId, Taken};
 use crate::protocol::{Command, Reply, Request, ServiceError};
 use crate::store::Store;
 
@@ -34,14 +34,6 @@ pub struct SessionContext {
 pub struct ClientSession {
     context: SessionContext,
     session: Session,
-}
-
-/// The locks a request added to the session, to give back when it does not keep them.
-struct Added {
-    /// Keys the session did not hold before: released.
-    acquired: Vec<Key>,
-    /// Keys the session held shared before and now holds exclusive: downgraded.
-    upgraded: Vec<Key>,
 }
 
 impl ClientSession {
@@ -94,12 +86,11 @@ impl ClientSession {
         hold_lock: bool,
         deadline: tokio::time::Instant,
     ) -> Result<Reply, ServiceError> {
-        let added = self.added_by(keys, LockMode::Shared);
-        self.acquire(keys, LockMode::Shared, deadline).await?;
+        let grant = self.acquire(keys, LockMode::Shared, deadline).await?;
         let names: Vec<&str> = keys.iter().map(Key::as_str).collect();
         let read = self.context.store.read(&names);
         if !hold_lock || read.is_err() {
-            self.give_back(&added);
+            self.give_back(&grant.taken);
         }
         let values = read?;
         Ok(Reply::Values(keys.iter().cloned().zip(values).collect()))
@@ -112,7 +103,6 @@ impl ClientSession {
         hold_lock: bool,
         deadline: tokio::time::Instant,
     ) -> Result<Reply, ServiceError> {
-        let added = self.added_by(keys, LockMode::Exclusive);
         let grant = self.acquire(keys, LockMode::Exclusive, deadline).await?;
         let entries = keys
             .iter()
@@ -121,7 +111,7 @@ impl ClientSession {
             .collect();
         let written = self.context.store.write(entries).await;
         if !hold_lock || written.is_err() {
-            self.give_back(&added);
+            self.give_back(&grant.taken);
         }
         if let Err(error) = &written {
             tracing::warn!(session = %self.id(), %error, "write failed");
@@ -152,34 +142,10 @@ impl ClientSession {
         Ok(result?)
     }
 
-    /// What acquiring `keys` in `mode` would add to the session's current locks.
-    fn added_by(&self, keys: &[Key], mode: LockMode) -> Added {
-        let mut added = Added {
-            acquired: Vec::new(),
-            upgraded: Vec::new(),
-        };
-        let held = self.context.locks.held_modes(&self.session, keys);
-        for (key, held) in keys.iter().zip(held) {
-            match held {
-                None => added.acquired.push(key.clone()),
-                Some(LockMode::Shared) if mode == LockMode::Exclusive => {
-                    added.upgraded.push(key.clone())
-                }
-                Some(_) => {}
-            }
-        }
-        added
-    }
-
-    /// Releases and downgrades what a request added. These keys are held by construction, so
-    /// the calls cannot fail with `NotHeld`; an error here would only mean the session is
-    /// already closed, in which case there is nothing left to give back.
-    fn give_back(&self, added: &Added) {
-        if !added.acquired.is_empty() {
-            let _ = self.context.locks.release(&self.session, &added.acquired);
-        }
-        if !added.upgraded.is_empty() {
-            let _ = self.context.locks.downgrade(&self.session, &added.upgraded);
-        }
+    /// Gives back what a request took. Those keys are held by construction (the session runs one
+    /// request at a time), so this cannot fail with `NotHeld`; an error here would only mean the
+    /// session is already closed, in which case there is nothing left to give back.
+    fn give_back(&self, taken: &Taken) {
+        let _ = self.context.locks.give_back(&self.session, taken);
     }
 }

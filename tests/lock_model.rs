@@ -48,8 +48,8 @@ use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use locksmith::lock::{
-    Acquired, CycleMember, FencingToken, Grant, Key, LockError, LockManager, LockManagerConfig,
-    LockMode, LockTable, Session, SessionId, Snapshot,
+    Acquired, CycleMember, Effects, FencingToken, Grant, Key, LockError, LockManager,
+    LockManagerConfig, LockMode, LockTable, Session, SessionId, Snapshot,
 };
 use proptest::collection::vec;
 use proptest::prelude::*;
@@ -249,7 +249,7 @@ struct Model {
     now: u64,
     last_token: Tok,
     /// Keys to re-examine, last pushed first (as the table does).
-    dirty: Vec<K>,
+    dirty: VecDeque<K>,
     /// Sessions granted their key by another call, to continue in this order.
     ready: VecDeque<S>,
     /// Sessions whose caller must be woken since the last look.
@@ -274,7 +274,7 @@ impl Model {
                 .collect(),
             now: 0,
             last_token: 0,
-            dirty: Vec::new(),
+            dirty: VecDeque::new(),
             ready: VecDeque::new(),
             concluded: BTreeSet::new(),
             continued_waits: 0,
@@ -329,7 +329,7 @@ impl Model {
 
     fn remove_holder(&mut self, s: S, k: K) {
         self.keys[k].holders.retain(|h| h.session != s);
-        self.dirty.push(k);
+        self.dirty.push_back(k);
     }
 
     // --- the public operations ---
@@ -383,7 +383,7 @@ impl Model {
             let holder = self.holder_mut(s, k);
             if holder.mode == Exclusive {
                 holder.mode = Shared;
-                self.dirty.push(k);
+                self.dirty.push_back(k);
             }
         }
         self.settle();
@@ -592,7 +592,7 @@ impl Model {
         };
         self.keys[k].queue.retain(|w| w.session != s);
         self.request_mut(s).phase = Phase::Running;
-        self.dirty.push(k);
+        self.dirty.push_back(k);
         Err(Outcome::Deadlock(Box::new(event)))
     }
 
@@ -608,7 +608,7 @@ impl Model {
         let before = request.before.clone();
         if let Phase::Waiting(k) = phase {
             self.keys[k].queue.retain(|w| w.session != s);
-            self.dirty.push(k);
+            self.dirty.push_back(k);
         }
         for &k in &keys {
             if before[&k].is_none() && self.holder(s, k).is_some() {
@@ -621,7 +621,7 @@ impl Model {
                     let holder = self.holder_mut(s, k);
                     holder.mode = Shared;
                     holder.token = token;
-                    self.dirty.push(k);
+                    self.dirty.push_back(k);
                 }
             }
         }
@@ -630,7 +630,7 @@ impl Model {
     /// Re-examines marked keys, then continues the requests granted meanwhile, one at a time.
     fn settle(&mut self) {
         loop {
-            while let Some(k) = self.dirty.pop() {
+            while let Some(k) = self.dirty.pop_front() {
                 self.grant_waiters(k);
             }
             let Some(s) = self.ready.pop_front() else {
@@ -853,19 +853,31 @@ struct TableSystem {
     ids: Vec<SessionId>,
     start: std::time::Instant,
     now: std::time::Instant,
+    /// The sessions listed in the effects of the calls since the last `take_concluded`.
+    concluded: Vec<SessionId>,
 }
 
 impl TableSystem {
     fn new(sessions: usize) -> Self {
         let mut table = LockTable::new(8);
-        let ids = (0..sessions).map(|_| table.open_session()).collect();
+        let ids: Vec<SessionId> = (0..sessions as u128).map(SessionId::from_u128).collect();
+        for &id in &ids {
+            table.open_session(id).expect("fresh ids");
+        }
         let start = std::time::Instant::now();
         TableSystem {
             table,
             ids,
             start,
             now: start,
+            concluded: Vec::new(),
         }
+    }
+
+    /// Keeps a call's effects for `take_concluded` and returns its answer.
+    fn note<T>(&mut self, (answer, effects): (T, Effects)) -> T {
+        self.concluded.extend(effects.concluded);
+        answer
     }
 }
 
@@ -890,10 +902,10 @@ impl System for TableSystem {
         wait: Wait,
     ) -> Option<Result<Grant, LockError>> {
         let may_wait = wait != Wait::Try;
-        match self
+        let acquired = self
             .table
-            .acquire(self.ids[s], &keys, mode, self.now, may_wait)
-        {
+            .acquire(self.ids[s], &keys, mode, self.now, may_wait);
+        match self.note(acquired) {
             Ok(Acquired::Granted(grant)) => Some(Ok(grant)),
             Ok(Acquired::Waiting) => None,
             Err(error) => Some(Err(error)),
@@ -901,19 +913,23 @@ impl System for TableSystem {
     }
 
     fn release(&mut self, s: S, keys: &[Key]) -> Result<(), LockError> {
-        self.table.release(self.ids[s], keys, self.now)
+        let released = self.table.release(self.ids[s], keys, self.now);
+        self.note(released)
     }
 
     fn downgrade(&mut self, s: S, keys: &[Key]) -> Result<(), LockError> {
-        self.table.downgrade(self.ids[s], keys, self.now)
+        let downgraded = self.table.downgrade(self.ids[s], keys, self.now);
+        self.note(downgraded)
     }
 
     fn release_all(&mut self, s: S) -> Option<Result<(), LockError>> {
-        Some(self.table.release_all(self.ids[s], self.now))
+        let released = self.table.release_all(self.ids[s], self.now);
+        Some(self.note(released))
     }
 
     fn close(&mut self, s: S) -> bool {
-        self.table.close_session(self.ids[s], self.now)
+        let closed = self.table.close_session(self.ids[s], self.now);
+        self.note(closed)
     }
 
     fn poll(&mut self, s: S) -> Option<Result<Grant, LockError>> {
@@ -921,15 +937,17 @@ impl System for TableSystem {
     }
 
     fn expire(&mut self, s: S) -> Option<Result<Grant, LockError>> {
-        Some(self.table.expire(self.ids[s], self.now))
+        let expired = self.table.expire(self.ids[s], self.now);
+        Some(self.note(expired))
     }
 
     fn cancel(&mut self, s: S) {
-        self.table.cancel(self.ids[s], self.now);
+        let effects = self.table.cancel(self.ids[s], self.now);
+        self.note(((), effects));
     }
 
     fn take_concluded(&mut self) -> Option<BTreeSet<SessionId>> {
-        Some(self.table.take_concluded().into_iter().collect())
+        Some(mem::take(&mut self.concluded).into_iter().collect())
     }
 
     fn snapshot(&self) -> Snapshot {

@@ -1,6 +1,6 @@
 //! Scenario tests for every lock rule of `docs/semantics.md`, against the public `LockManager` API
-//! (and, where a rule is easier to state there, the pure `LockTable`). Each test is named after the
-//! rule it checks; the document names the tests.
+//! (the pure `LockTable` has its own literal tests in `crates/locksmith-lock`). Each test is named
+//! after the rule it checks; the document names the tests.
 //!
 //! Waiting is observed without sleeps. An `acquire` future is polled by hand ([`poll_once`]): one
 //! poll runs its synchronous part, so afterwards the request is either decided or queued in the
@@ -22,8 +22,8 @@ use common::{
     waits_for_of, yield_until,
 };
 use locksmith::lock::{
-    Acquired, FencingToken, Grant, Key, LockError, LockManager, LockManagerConfig, LockMode,
-    LockTable, Session, SessionId,
+    FencingToken, Grant, Key, LockError, LockManager, LockManagerConfig, LockMode, Session,
+    SessionId,
 };
 use tokio::time::Instant;
 use LockMode::{Exclusive as X, Shared as S};
@@ -1226,43 +1226,4 @@ async fn empty_and_oversized_requests_are_invalid() {
     );
     // The limit counts distinct keys.
     granted(&m, &a, &["k1", "k2", "k3", "k1"], X);
-}
-
-// ----- the pure core ------------------------------------------------------------------------
-
-#[test]
-fn waiters_granted_together_continue_their_requests_in_queue_order() {
-    // The table continues granted requests in the order they were granted (FIFO worklist), so
-    // B and C, granted k1 together, queue on k2 in the order they queued on k1.
-    let now = std::time::Instant::now();
-    let mut table = LockTable::new(16);
-    let (h, e, f, b, c) = (
-        table.open_session(),
-        table.open_session(),
-        table.open_session(),
-        table.open_session(),
-        table.open_session(),
-    );
-    let (k1, k2, both) = (keys(&["k1"]), keys(&["k2"]), keys(&["k1", "k2"]));
-    assert!(matches!(
-        table.acquire(h, &k1, X, now, true),
-        Ok(Acquired::Granted(_))
-    ));
-    assert!(matches!(
-        table.acquire(e, &k2, S, now, true),
-        Ok(Acquired::Granted(_))
-    ));
-    assert_eq!(table.acquire(f, &k2, X, now, true), Ok(Acquired::Waiting));
-    for session in [b, c] {
-        assert_eq!(
-            table.acquire(session, &both, S, now, true),
-            Ok(Acquired::Waiting)
-        );
-    }
-    table.release(h, &k1, now).unwrap();
-    let snapshot = table.snapshot();
-    assert_eq!(holders_of(&snapshot, &k1[0]), vec![(b, S), (c, S)]);
-    assert_eq!(queue_of(&snapshot, &k2[0]), vec![(f, X), (b, S), (c, S)]);
-    assert!(table.take_concluded().is_empty());
-    assert!(idle_waiters(&snapshot).is_empty());
 }

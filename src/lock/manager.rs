@@ -16,11 +16,14 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use super::error::LockError;
-use super::snapshot::Snapshot;
-use super::table::{Acquired, LockTable, Now};
-use super::types::{FencingToken, Grant, Key, LockMode, SessionId};
-use super::FastMap;
+use locksmith_lock::{
+    Acquired, Effects, FencingToken, Grant, Key, LockError, LockMode, LockTable, Now, SessionId,
+    Snapshot, Taken,
+};
+use uuid::Uuid;
+
+/// The manager's map of wakers, hashed like the table's maps.
+type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 
 /// Settings of a [`LockManager`].
 #[derive(Clone, Debug)]
@@ -51,11 +54,11 @@ struct State {
 }
 
 impl State {
-    /// Takes the wakers of every request the table concluded; the caller sends them after
+    /// Takes the wakers of every request a table call concluded; the caller sends them after
     /// unlocking.
-    fn concluded_wakers(&mut self) -> Wakers {
+    fn wakers_of(&mut self, effects: Effects) -> Wakers {
         let mut wakers = Vec::new();
-        for session in self.table.take_concluded() {
+        for session in effects.concluded {
             if let Some(waker) = self.wakers.remove(&session) {
                 wakers.push(waker);
             }
@@ -93,9 +96,17 @@ impl LockManager {
         self.lock().table.raise_token_floor(floor);
     }
 
-    /// Opens a session. Dropping the returned handle closes it.
+    /// Opens a session with a random (v4) id. Dropping the returned handle closes it.
     pub fn open_session(&self) -> Session {
-        let id = self.lock().table.open_session();
+        let mut state = self.lock();
+        let id = loop {
+            let id = SessionId(Uuid::new_v4());
+            // A collision of random v4 ids is astronomically unlikely; draw again if it happens.
+            if state.table.open_session(id).is_ok() {
+                break id;
+            }
+        };
+        drop(state);
         Session {
             id,
             manager: self.clone(),
@@ -128,7 +139,7 @@ impl LockManager {
         };
         let (started, wakers) = {
             let mut state = self.lock();
-            let started = state.table.acquire(session.id, keys, mode, now, may_wait);
+            let (started, effects) = state.table.acquire(session.id, keys, mode, now, may_wait);
             let started = match started {
                 Ok(Acquired::Waiting) => {
                     let (tx, rx) = oneshot::channel();
@@ -138,7 +149,7 @@ impl LockManager {
                 Ok(Acquired::Granted(grant)) => Err(Ok(grant)),
                 Err(error) => Err(Err(error)),
             };
-            (started, state.concluded_wakers())
+            (started, state.wakers_of(effects))
         };
         wakers.wake();
         let receiver = match started {
@@ -175,6 +186,15 @@ impl LockManager {
         self.with_table(|table| table.downgrade(session.id, keys, Now::lazy(std_now)))
     }
 
+    /// Gives back what one request took ([`Grant::taken`]): releases the keys it acquired and
+    /// downgrades the keys it upgraded, in one call.
+    ///
+    /// # Errors
+    /// As [`LockManager::release`].
+    pub fn give_back(&self, session: &Session, taken: &Taken) -> Result<(), LockError> {
+        self.with_table(|table| table.give_back(session.id, taken, Now::lazy(std_now)))
+    }
+
     /// Releases every lock of the session and withdraws its waiting request, if any (that
     /// request fails with `Cancelled`). Does nothing on a closed session.
     pub fn release_all(&self, session: &Session) {
@@ -190,15 +210,6 @@ impl LockManager {
     /// The mode and fencing token under which the session holds `key`, if it does.
     pub fn held_mode(&self, session: &Session, key: &Key) -> Option<(LockMode, FencingToken)> {
         self.lock().table.held_mode(session.id, key)
-    }
-
-    /// The mode in which the session holds each of `keys` (`None`: not held), read at one
-    /// instant under one lock.
-    pub fn held_modes(&self, session: &Session, keys: &[Key]) -> Vec<Option<LockMode>> {
-        let state = self.lock();
-        keys.iter()
-            .map(|key| state.table.held_mode(session.id, key).map(|(mode, _)| mode))
-            .collect()
     }
 
     /// Every key the session holds, sorted.
@@ -217,11 +228,11 @@ impl LockManager {
     }
 
     /// Runs `f` on the table under the lock, then wakes the requests it concluded.
-    fn with_table<T>(&self, f: impl FnOnce(&mut LockTable) -> T) -> T {
+    fn with_table<T>(&self, f: impl FnOnce(&mut LockTable) -> (T, Effects)) -> T {
         let (result, wakers) = {
             let mut state = self.lock();
-            let result = f(&mut state.table);
-            (result, state.concluded_wakers())
+            let (result, effects) = f(&mut state.table);
+            (result, state.wakers_of(effects))
         };
         wakers.wake();
         result
@@ -261,15 +272,16 @@ impl PendingRequest<'_> {
                 }
             };
             let mut state = self.manager.lock();
-            let outcome = if woken {
-                state.table.take_outcome(self.session)
+            let (outcome, effects) = if woken {
+                (state.table.take_outcome(self.session), Effects::default())
             } else {
-                Some(state.table.expire(self.session, Now::lazy(std_now)))
+                let (outcome, effects) = state.table.expire(self.session, Now::lazy(std_now));
+                (Some(outcome), effects)
             };
             match outcome {
                 Some(outcome) => {
                     self.armed = false;
-                    let wakers = state.concluded_wakers();
+                    let wakers = state.wakers_of(effects);
                     drop(state);
                     wakers.wake();
                     return outcome;
@@ -295,8 +307,8 @@ impl Drop for PendingRequest<'_> {
         let wakers = {
             let mut state = self.manager.lock();
             state.wakers.remove(&self.session);
-            state.table.cancel(self.session, Now::lazy(std_now));
-            state.concluded_wakers()
+            let effects = state.table.cancel(self.session, Now::lazy(std_now));
+            state.wakers_of(effects)
         };
         wakers.wake();
     }

@@ -2,7 +2,7 @@
 //! ([`LockError::code`]) that the server puts on the wire; the `Display` text is for humans and
 //! may change.
 
-use super::types::{Key, SessionId};
+use crate::types::{Key, SessionId};
 
 /// One member of a deadlock cycle: a session and the key it is waiting for. In
 /// [`LockError::Deadlock`] the members are listed in waits-for order: each one waits for a lock

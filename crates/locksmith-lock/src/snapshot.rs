@@ -1,10 +1,10 @@
 //! A consistent, point-in-time picture of the lock table: every locked or awaited key with its
-//! holders and its queue, and the waits-for edges. Produced by [`super::LockManager::snapshot`] for
+//! holders and its queue, and the waits-for edges. Produced by [`crate::LockTable::snapshot`] for
 //! diagnostics (the server exposes it) and by the tests to compare the table with a model.
 
 use std::time::Instant;
 
-use super::types::{FencingToken, Key, LockMode, SessionId};
+use crate::types::{FencingToken, Key, LockMode, SessionId};
 
 /// The whole table at one instant. Keys are sorted; edges are sorted.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]

@@ -2,7 +2,7 @@
 //! tokens and the grant a successful request returns.
 //!
 //! These are plain values with no behaviour beyond comparison; the rules that combine them live in
-//! [`super::table`].
+//! [`crate::table`].
 
 use std::fmt;
 use std::sync::Arc;
@@ -66,13 +66,15 @@ impl LockMode {
 }
 
 /// Identifies one session (one client connection, or one user of the library) for its lifetime.
+/// The caller chooses it (the server uses random v4 uuids); the table never mints one, so a run
+/// can be replayed exactly.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SessionId(pub Uuid);
 
 impl SessionId {
-    /// A fresh random (v4) session id.
-    pub fn new_random() -> Self {
-        SessionId(Uuid::new_v4())
+    /// The session id made of the number `n` (tests, benchmarks, replays).
+    pub fn from_u128(n: u128) -> Self {
+        SessionId(Uuid::from_u128(n))
     }
 }
 
@@ -95,11 +97,35 @@ impl fmt::Display for FencingToken {
 }
 
 /// The answer to a successful `acquire`: every requested key (deduplicated, in sorted order) with
-/// the fencing token under which the session now holds it.
+/// the fencing token under which the session now holds it, and what the request added to the
+/// session's locks.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Grant {
     /// `(key, token)` pairs sorted by key.
     pub tokens: Vec<(Key, FencingToken)>,
+    /// What this request changed, so that a caller that does not keep the locks (the server's
+    /// `read` and `write` without `hold_lock`) can give back exactly that with
+    /// `LockTable::give_back`.
+    pub taken: Taken,
+}
+
+/// The locks one request added to its session: keys it did not hold before, and keys it held
+/// shared and upgraded. Keys the session already held in the requested mode (or a stronger one)
+/// are in neither list.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Taken {
+    /// Keys newly acquired, in key order: giving back releases them.
+    pub acquired: Vec<Key>,
+    /// Keys upgraded from shared to exclusive, in key order: giving back downgrades them to
+    /// shared (keeping the exclusive token, as every downgrade does).
+    pub upgraded: Vec<Key>,
+}
+
+impl Taken {
+    /// True when the request added nothing.
+    pub fn is_empty(&self) -> bool {
+        self.acquired.is_empty() && self.upgraded.is_empty()
+    }
 }
 
 impl Grant {

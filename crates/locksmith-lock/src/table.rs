@@ -1,0 +1,931 @@
+//! The lock table: the public entry point of the core.
+//!
+//! It owns the keys ([`crate::key_state`]: holders and queues), the sessions with their one
+//! request in flight ([`crate::request`]: state machine and undo log), and the deadlock search
+//! ([`crate::waits_for`]). Every call runs to completion, leaves the table consistent and returns
+//! its [`Effects`]; nothing happens between calls.
+//!
+//! **Progress inside the table.** When a call frees a key, the key's queue is re-examined and the
+//! waiters at its head that can now have it are granted. A granted request goes on with its next
+//! keys right away, inside the same call, so a request only ever waits on one key and all progress
+//! is decided here. The order is a rule (rule 4 of `docs/semantics.md`): keys are re-examined in
+//! the order the call changed them, and granted requests continue one at a time in the order they
+//! were granted, every key changed meanwhile being re-examined before the next one continues.
+//!
+//! **Cost.** Granting the head of a queue, leaving a queue from anywhere and a deadlock check
+//! never scan a queue: a handoff costs O(1) plus O(g) for g shared waiters granted together,
+//! whatever the queue length. A request that holds nothing and joins the tail of a queue cannot
+//! close a cycle (nobody waits for it), so it is not searched at all.
+//!
+//! Invariants, true whenever no call is running: those of [`crate::key_state`] for every key; a
+//! session is in at most one queue, the one its request's phase names; there is no cycle of
+//! waiting sessions.
+
+use std::collections::VecDeque;
+use std::mem;
+
+use slab::Slab;
+
+use crate::error::{CycleMember, LockError};
+use crate::key_state::{Attempt, KeyState, Waiter};
+use crate::now::Now;
+use crate::request::{Phase, Request};
+use crate::snapshot::{HolderSnapshot, KeySnapshot, Snapshot, WaiterSnapshot};
+use crate::types::{FencingToken, Grant, Key, LockMode, SessionId, Taken};
+use crate::waits_for::{CycleSearch, WaitGraph};
+use crate::{FastMap, KeySlot, SessionSlot, WaiterSlot};
+
+/// What a call to [`LockTable::acquire`] did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Acquired {
+    /// Every key was granted at once.
+    Granted(Grant),
+    /// The request is queued. When it concludes (granted, or failed), its session is listed in
+    /// the [`Effects`] of the call that concluded it, and its outcome is collected with
+    /// [`LockTable::take_outcome`].
+    Waiting,
+}
+
+/// What a call did besides answering its own caller: the waiting requests it concluded. The
+/// caller of each must be woken to collect its outcome with [`LockTable::take_outcome`].
+#[derive(Debug, Default, PartialEq, Eq)]
+#[must_use = "the callers of the concluded requests must be woken"]
+pub struct Effects {
+    /// Sessions whose waiting request concluded (granted, failed, or withdrawn because the
+    /// session was closed), in the order they concluded.
+    pub concluded: Vec<SessionId>,
+}
+
+/// A session and its request.
+struct SessionState {
+    /// The caller's id for it.
+    id: SessionId,
+    /// Every key the session holds (its mode and token are in the key's holders).
+    held: Vec<KeySlot>,
+    /// The request in flight, if any: at most one per session.
+    request: Option<Request>,
+}
+
+/// The lock table. See the module documentation.
+pub struct LockTable {
+    /// Where each held or awaited key is in `keys`.
+    key_index: FastMap<Key, KeySlot>,
+    /// Every held or awaited key.
+    keys: Slab<KeyState>,
+    /// Where each open session is in `sessions`.
+    session_index: FastMap<SessionId, SessionSlot>,
+    /// Every open session.
+    sessions: Slab<SessionState>,
+    /// The queue entries of every key (each key links its own).
+    waiters: Slab<Waiter>,
+    /// The deadlock search and its scratch space.
+    search: CycleSearch,
+    /// The last fencing token handed out.
+    last_token: u64,
+    /// Largest number of distinct keys one request may name.
+    max_keys_per_request: usize,
+    /// The effects of the current call.
+    effects: Effects,
+    /// Keys whose holders or queue changed and that must be re-examined, in the order they
+    /// changed.
+    dirty: VecDeque<KeySlot>,
+    /// Sessions granted the key they waited for, to continue their request, in grant order.
+    ready: VecDeque<SessionSlot>,
+}
+
+/// The table as the deadlock search sees it.
+struct View<'a> {
+    keys: &'a Slab<KeyState>,
+    sessions: &'a Slab<SessionState>,
+}
+
+impl WaitGraph for View<'_> {
+    fn waits_on(&self, session: SessionSlot) -> Option<KeySlot> {
+        match self.sessions.get(session)?.request.as_ref()?.phase {
+            Phase::Waiting { key, .. } => Some(key),
+            _ => None,
+        }
+    }
+
+    fn holders(&self, key: KeySlot) -> impl Iterator<Item = SessionSlot> + '_ {
+        self.keys
+            .get(key)
+            .into_iter()
+            .flat_map(|k| k.holders.iter().map(|h| h.session))
+    }
+
+    fn bounds(&self) -> (usize, usize) {
+        (self.sessions.capacity(), self.keys.capacity())
+    }
+}
+
+impl LockTable {
+    /// An empty table that accepts requests of up to `max_keys_per_request` distinct keys.
+    pub fn new(max_keys_per_request: usize) -> Self {
+        LockTable {
+            key_index: FastMap::default(),
+            keys: Slab::new(),
+            session_index: FastMap::default(),
+            sessions: Slab::new(),
+            waiters: Slab::new(),
+            search: CycleSearch::default(),
+            last_token: 0,
+            max_keys_per_request,
+            effects: Effects::default(),
+            dirty: VecDeque::new(),
+            ready: VecDeque::new(),
+        }
+    }
+
+    /// Makes every later fencing token larger than `floor` (no effect if tokens already are).
+    /// A server seeds this at start so that tokens keep increasing across restarts.
+    pub fn raise_token_floor(&mut self, floor: u64) {
+        self.last_token = self.last_token.max(floor);
+    }
+
+    /// Opens a session with the caller's `id`.
+    ///
+    /// # Errors
+    /// `InvalidRequest` if a session with this id is already open.
+    pub fn open_session(&mut self, id: SessionId) -> Result<(), LockError> {
+        if self.session_index.contains_key(&id) {
+            return Err(LockError::invalid("a session with this id is already open"));
+        }
+        let slot = self.sessions.insert(SessionState {
+            id,
+            held: Vec::new(),
+            request: None,
+        });
+        self.session_index.insert(id, slot);
+        Ok(())
+    }
+
+    /// Is the session `id` open?
+    pub fn is_open(&self, id: SessionId) -> bool {
+        self.session_index.contains_key(&id)
+    }
+
+    /// Closes the session `id`: its request in flight is withdrawn (its caller, if waiting, is
+    /// listed in the effects and will find the session closed), every lock it holds is released
+    /// and the waiters behind it are re-examined. Returns false if the session was not open.
+    pub fn close_session(&mut self, id: SessionId, now: impl Into<Now>) -> (bool, Effects) {
+        let Some(slot) = self.slot(id) else {
+            return (false, Effects::default());
+        };
+        if let Some(request) = &self.sessions[slot].request {
+            if !request.has_failed() {
+                self.rollback(slot);
+            }
+            self.effects.concluded.push(id);
+        }
+        self.release_everything(slot);
+        self.sessions.remove(slot);
+        self.session_index.remove(&id);
+        (true, self.finish_call(&mut now.into()))
+    }
+
+    /// Starts a request of session `id` for `keys` (deduplicated, taken in sorted order) in
+    /// `mode`.
+    ///
+    /// Keys are taken one by one; on the first that cannot be had at once the request waits
+    /// there if `may_wait`, and otherwise fails with `Timeout` (a try-lock).
+    ///
+    /// # Errors
+    /// `SessionClosed` if the session is not open; `InvalidRequest` for no keys, too many keys, or
+    /// another request of this session in flight; `Deadlock` if waiting would close a cycle;
+    /// `Timeout` for a try-lock that would wait. On error the session holds exactly what it held
+    /// before.
+    pub fn acquire(
+        &mut self,
+        id: SessionId,
+        keys: &[Key],
+        mode: LockMode,
+        now: impl Into<Now>,
+        may_wait: bool,
+    ) -> (Result<Acquired, LockError>, Effects) {
+        let mut now = now.into();
+        let result = self.start(id, keys, mode, &mut now, may_wait);
+        (result, self.finish_call(&mut now))
+    }
+
+    /// Collects the outcome of session `id`'s request once it concluded. Returns `None` while the
+    /// request still waits.
+    pub fn take_outcome(&mut self, id: SessionId) -> Option<Result<Grant, LockError>> {
+        let Some(state) = self.slot(id).and_then(|slot| self.sessions.get_mut(slot)) else {
+            return Some(Err(LockError::SessionClosed));
+        };
+        match state.request.as_ref().map(|r| &r.phase) {
+            Some(Phase::Finished(_)) => match state.request.take().map(|r| r.phase) {
+                Some(Phase::Finished(outcome)) => Some(outcome),
+                _ => None,
+            },
+            Some(_) => None,
+            None => Some(Err(LockError::SessionClosed)),
+        }
+    }
+
+    /// The deadline of session `id`'s request passed: if it already concluded, its outcome is
+    /// returned as is; otherwise it is withdrawn and rolled back, and the result is `Timeout`
+    /// naming the key it was waiting for.
+    pub fn expire(
+        &mut self,
+        id: SessionId,
+        now: impl Into<Now>,
+    ) -> (Result<Grant, LockError>, Effects) {
+        if let Some(outcome) = self.take_outcome(id) {
+            return (outcome, Effects::default());
+        }
+        let waiting_key = self.slot(id).and_then(|slot| self.waiting_key(slot));
+        if let Some(slot) = self.slot(id) {
+            self.rollback(slot);
+            self.sessions[slot].request = None;
+        }
+        let result = match waiting_key {
+            Some(key) => Err(LockError::Timeout { key }),
+            None => Err(LockError::SessionClosed),
+        };
+        (result, self.finish_call(&mut now.into()))
+    }
+
+    /// The caller of session `id`'s request went away: the request is withdrawn and everything
+    /// it acquired is given back, even if it had just been granted.
+    pub fn cancel(&mut self, id: SessionId, now: impl Into<Now>) -> Effects {
+        let Some(slot) = self.slot(id) else {
+            return Effects::default();
+        };
+        let Some(request) = &self.sessions[slot].request else {
+            return Effects::default();
+        };
+        if !request.has_failed() {
+            self.rollback(slot);
+        }
+        self.sessions[slot].request = None;
+        self.finish_call(&mut now.into())
+    }
+
+    /// Releases `keys`.
+    ///
+    /// # Errors
+    /// `NotHeld` (listing them) if the session does not hold some of the keys, and then nothing
+    /// is released; `SessionClosed`; `InvalidRequest` for an empty list or while a request of the
+    /// session is in flight.
+    pub fn release(
+        &mut self,
+        id: SessionId,
+        keys: &[Key],
+        now: impl Into<Now>,
+    ) -> (Result<(), LockError>, Effects) {
+        let result = self.held_by(id, keys).map(|(slot, held)| {
+            for key in held {
+                self.remove_holder(slot, key);
+            }
+        });
+        (result, self.finish_call(&mut now.into()))
+    }
+
+    /// Turns the session's exclusive locks on `keys` into shared ones, keeping their fencing
+    /// tokens (no new grant happens); keys already held shared stay as they are. Waiters that
+    /// become compatible are granted at once.
+    ///
+    /// # Errors
+    /// As [`LockTable::release`]: `NotHeld` (and nothing changes) if a key is not held,
+    /// `SessionClosed`, `InvalidRequest`.
+    pub fn downgrade(
+        &mut self,
+        id: SessionId,
+        keys: &[Key],
+        now: impl Into<Now>,
+    ) -> (Result<(), LockError>, Effects) {
+        let result = self.held_by(id, keys).map(|(slot, held)| {
+            for key in held {
+                self.downgrade_held(slot, key);
+            }
+        });
+        (result, self.finish_call(&mut now.into()))
+    }
+
+    /// Gives back what one request took ([`Grant::taken`]): releases the keys it acquired, then
+    /// downgrades the keys it upgraded, so the session's locks are as before the request (an
+    /// upgraded key keeps its exclusive token, as every downgrade does). One call, one
+    /// re-examination.
+    ///
+    /// # Errors
+    /// As [`LockTable::release`], for the keys of `taken` together; nothing changes on error.
+    pub fn give_back(
+        &mut self,
+        id: SessionId,
+        taken: &Taken,
+        now: impl Into<Now>,
+    ) -> (Result<(), LockError>, Effects) {
+        if taken.is_empty() {
+            let result = self.slot(id).map(|_| ()).ok_or(LockError::SessionClosed);
+            return (result, Effects::default());
+        }
+        let named: Vec<Key> = taken
+            .acquired
+            .iter()
+            .chain(&taken.upgraded)
+            .cloned()
+            .collect();
+        let result = self.held_by(id, &named).map(|(slot, _)| {
+            for key in &taken.acquired {
+                if let Some(&key) = self.key_index.get(key) {
+                    self.remove_holder(slot, key);
+                }
+            }
+            for key in &taken.upgraded {
+                if let Some(&key) = self.key_index.get(key) {
+                    self.downgrade_held(slot, key);
+                }
+            }
+        });
+        (result, self.finish_call(&mut now.into()))
+    }
+
+    /// Releases every lock of session `id`. A request still in flight is withdrawn first (its
+    /// caller gets `Cancelled`).
+    ///
+    /// # Errors
+    /// `SessionClosed` if the session is not open.
+    pub fn release_all(
+        &mut self,
+        id: SessionId,
+        now: impl Into<Now>,
+    ) -> (Result<(), LockError>, Effects) {
+        let Some(slot) = self.slot(id) else {
+            return (Err(LockError::SessionClosed), Effects::default());
+        };
+        let withdraw = self.sessions[slot]
+            .request
+            .as_ref()
+            .is_some_and(|r| !r.has_failed());
+        if withdraw {
+            self.rollback(slot);
+            if let Some(request) = self.sessions[slot].request.as_mut() {
+                request.phase = Phase::Finished(Err(LockError::Cancelled));
+            }
+            self.effects.concluded.push(id);
+        }
+        self.release_everything(slot);
+        (Ok(()), self.finish_call(&mut now.into()))
+    }
+
+    /// The mode and token under which session `id` holds `key`, if it does.
+    pub fn held_mode(&self, id: SessionId, key: &Key) -> Option<(LockMode, FencingToken)> {
+        let slot = self.slot(id)?;
+        let holder = self.keys.get(*self.key_index.get(key)?)?.holder(slot)?;
+        Some((holder.mode, holder.token))
+    }
+
+    /// Every key session `id` holds, sorted.
+    pub fn held_keys(&self, id: SessionId) -> Vec<Key> {
+        let Some(state) = self.slot(id).and_then(|slot| self.sessions.get(slot)) else {
+            return Vec::new();
+        };
+        let mut keys: Vec<Key> = state
+            .held
+            .iter()
+            .filter_map(|&k| self.keys.get(k).map(|k| k.name.clone()))
+            .collect();
+        keys.sort_unstable();
+        keys
+    }
+
+    /// The number of open sessions.
+    pub fn session_count(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// A consistent picture of every held or awaited key and of the waits-for edges of rule 5.
+    ///
+    /// The edges are derived from the queues here, so a snapshot costs O(edges): q exclusive
+    /// waiters on one key wait for q(q-1)/2 others. It is a diagnostic; nothing else pays it.
+    pub fn snapshot(&self) -> Snapshot {
+        let mut keys = Vec::with_capacity(self.keys.len());
+        let mut waits_for = Vec::new();
+        for (_, state) in &self.keys {
+            let holders: Vec<HolderSnapshot> = state
+                .holders
+                .iter()
+                .filter_map(|h| {
+                    Some(HolderSnapshot {
+                        session: self.sessions.get(h.session)?.id,
+                        mode: h.mode,
+                        token: h.token,
+                    })
+                })
+                .collect();
+            let queue: Vec<WaiterSnapshot> = state
+                .queue(&self.waiters)
+                .filter_map(|w| {
+                    Some(WaiterSnapshot {
+                        session: self.sessions.get(w.session)?.id,
+                        mode: w.mode,
+                        upgrade: w.conversion,
+                        since: w.since,
+                    })
+                })
+                .collect();
+            waits_for.extend(rule5_edges(&holders, &queue));
+            keys.push(KeySnapshot {
+                key: state.name.clone(),
+                holders,
+                queue,
+            });
+        }
+        keys.sort_unstable_by(|a, b| a.key.cmp(&b.key));
+        waits_for.sort_unstable();
+        waits_for.dedup();
+        Snapshot { keys, waits_for }
+    }
+
+    // ----- request progress -------------------------------------------------------------------
+
+    /// Validates and starts a request, and answers it if it does not wait.
+    fn start(
+        &mut self,
+        id: SessionId,
+        keys: &[Key],
+        mode: LockMode,
+        now: &mut Now,
+        may_wait: bool,
+    ) -> Result<Acquired, LockError> {
+        let mut sorted = keys.to_vec();
+        sorted.sort_unstable();
+        sorted.dedup();
+        if sorted.is_empty() {
+            return Err(LockError::invalid("a request must name at least one key"));
+        }
+        if sorted.len() > self.max_keys_per_request {
+            return Err(LockError::invalid(format!(
+                "a request may name at most {} keys, this one names {}",
+                self.max_keys_per_request,
+                sorted.len()
+            )));
+        }
+        let slot = self.slot(id).ok_or(LockError::SessionClosed)?;
+        let state = &mut self.sessions[slot];
+        if state.request.is_some() {
+            return Err(LockError::invalid(
+                "another request of this session is still in progress",
+            ));
+        }
+        state.request = Some(Request::new(sorted, mode));
+        let outcome = self.advance(slot, now, may_wait);
+        if matches!(outcome, Ok(false)) {
+            return Ok(Acquired::Waiting);
+        }
+        let request = self.sessions[slot].request.take();
+        match (outcome, request) {
+            (Ok(_), Some(request)) => Ok(Acquired::Granted(request.into_grant())),
+            (Ok(_), None) => Err(LockError::SessionClosed),
+            (Err(error), _) => Err(error),
+        }
+    }
+
+    /// Takes the request's keys from `next` on, one by one. `Ok(true)` when every key is taken,
+    /// `Ok(false)` when it waits, `Err` after rolling the request back.
+    fn advance(
+        &mut self,
+        slot: SessionSlot,
+        now: &mut Now,
+        may_wait: bool,
+    ) -> Result<bool, LockError> {
+        loop {
+            let Some(request) = self
+                .sessions
+                .get(slot)
+                .and_then(|state| state.request.as_ref())
+            else {
+                return Err(LockError::SessionClosed);
+            };
+            let Some(key) = request.next_key().cloned() else {
+                return Ok(true);
+            };
+            let mode = request.mode;
+            let key_slot = self.key_slot_or_insert(&key);
+            let attempt = self.keys[key_slot].take_at_once(slot, mode, &mut self.last_token);
+            let state = &mut self.sessions[slot];
+            let Some(request) = state.request.as_mut() else {
+                return Err(LockError::SessionClosed);
+            };
+            match attempt {
+                Attempt::AlreadyHeld(token) => request.took_held(key, token),
+                Attempt::Acquired(token) => {
+                    state.held.push(key_slot);
+                    request.took_acquired(key, token);
+                }
+                Attempt::Upgraded { token, old } => request.took_upgraded(key, token, old),
+                Attempt::MustWait { conversion } => {
+                    let waited = if may_wait {
+                        self.wait(slot, key_slot, mode, conversion, now)
+                    } else {
+                        Err(LockError::Timeout { key })
+                    };
+                    if waited.is_err() {
+                        self.rollback(slot);
+                    }
+                    return waited.map(|()| false);
+                }
+            }
+        }
+    }
+
+    /// Queues session `slot` on `key` and checks for a cycle through it. On a cycle the entry is
+    /// taken out again and the error names the cycle; the caller rolls the request back.
+    fn wait(
+        &mut self,
+        slot: SessionSlot,
+        key: KeySlot,
+        mode: LockMode,
+        conversion: bool,
+        now: &mut Now,
+    ) -> Result<(), LockError> {
+        if conversion {
+            if let Some(other) = self.keys[key].conversion.map(|w| self.waiters[w].session) {
+                // Rule 3: two upgrades of one key each wait for the other's shared lock.
+                return Err(LockError::Deadlock {
+                    cycle: vec![self.member(slot, key), self.member(other, key)],
+                });
+            }
+        }
+        let waiter = self
+            .waiters
+            .insert(Waiter::new(slot, mode, conversion, now.get()));
+        self.keys[key].enqueue(&mut self.waiters, waiter);
+        if let Some(request) = self.sessions[slot].request.as_mut() {
+            request.phase = Phase::Waiting { key, waiter };
+        }
+        if !self.may_be_waited_for(slot) {
+            return Ok(());
+        }
+        let view = View {
+            keys: &self.keys,
+            sessions: &self.sessions,
+        };
+        let Some(cycle) = self.search.cycle_through(&view, slot) else {
+            return Ok(());
+        };
+        let cycle = self.describe_cycle(&cycle);
+        // The requester is the victim: out of the queue (its rollback does the rest).
+        self.leave_queue(slot);
+        Err(LockError::Deadlock { cycle })
+    }
+
+    /// Could anybody be waiting for session `slot`? Only a waiter on a key it holds (behind it,
+    /// for the key it converts on). A session with no such waiter cannot close a cycle by waiting.
+    fn may_be_waited_for(&self, slot: SessionSlot) -> bool {
+        let own_entry = match self.sessions[slot].request.as_ref().map(|r| &r.phase) {
+            Some(Phase::Waiting { waiter, .. }) => Some(*waiter),
+            _ => None,
+        };
+        self.sessions[slot].held.iter().any(|&k| {
+            self.keys
+                .get(k)
+                .is_some_and(|state| state.has_waiters_besides(own_entry))
+        })
+    }
+
+    /// The cycle found by the search (sessions, each waiting on a key the next holds) as rule 5's
+    /// edges: a shared waiter does not wait for a shared holder directly but through the first
+    /// waiter of the key, which is then listed between them.
+    fn describe_cycle(&self, hops: &[SessionSlot]) -> Vec<CycleMember> {
+        let mut members: Vec<SessionSlot> = Vec::with_capacity(hops.len() + 1);
+        for (i, &from) in hops.iter().enumerate() {
+            if !push_member(&mut members, from) {
+                break;
+            }
+            let to = hops[(i + 1) % hops.len()];
+            if let Some(between) = self.waits_through(from, to) {
+                if !push_member(&mut members, between) {
+                    break;
+                }
+            }
+        }
+        members
+            .into_iter()
+            .filter_map(|s| {
+                let key = self.waiting_key_slot(s)?;
+                Some(self.member(s, key))
+            })
+            .collect()
+    }
+
+    /// `from` waits on a key `to` holds: `None` if that is a rule-5 edge, else the waiter through
+    /// which `from` waits for `to` (the key's first waiter, which conflicts with both).
+    fn waits_through(&self, from: SessionSlot, to: SessionSlot) -> Option<SessionSlot> {
+        let key = self.waiting_key_slot(from)?;
+        let state = self.keys.get(key)?;
+        let from_mode = self.request_mode(from)?;
+        let to_mode = state.holder(to)?.mode;
+        let converting = state.conversion.map(|w| self.waiters[w].session);
+        let direct = !from_mode.is_compatible_with(to_mode) || converting == Some(to);
+        if direct {
+            return None;
+        }
+        let first = self.waiters.get(state.first_waiter()?)?;
+        (first.session != from && first.mode == LockMode::Exclusive).then_some(first.session)
+    }
+
+    /// Undoes everything session `slot`'s request did: leaves its queue, releases keys it
+    /// acquired, restores upgraded keys to shared with their old token. The request stays (at its
+    /// first key, `Running`, with an empty undo log) so the caller can record an outcome or drop
+    /// it. Keys are marked for re-examination in that order: the awaited key, the acquired keys,
+    /// the upgraded keys.
+    fn rollback(&mut self, slot: SessionSlot) {
+        let Some(undo) = self
+            .sessions
+            .get_mut(slot)
+            .and_then(|s| s.request.as_mut())
+            .map(Request::take_undo)
+        else {
+            return;
+        };
+        if let Some((key, waiter)) = undo.waiting {
+            self.dequeue(key, waiter);
+        }
+        for key in undo.acquired {
+            if let Some(&key) = self.key_index.get(&key) {
+                self.remove_holder(slot, key);
+            }
+        }
+        for (key, token) in undo.upgraded {
+            if let Some(&key) = self.key_index.get(&key) {
+                if let Some(holder) = self.keys[key].holder_mut(slot) {
+                    holder.mode = LockMode::Shared;
+                    holder.token = token;
+                }
+                self.mark_dirty(key);
+            }
+        }
+    }
+
+    // ----- re-examining queues ----------------------------------------------------------------
+
+    /// Settles the table (see the module documentation) and hands out the call's effects.
+    fn finish_call(&mut self, now: &mut Now) -> Effects {
+        loop {
+            while let Some(key) = self.dirty.pop_front() {
+                self.grant_waiters(key);
+            }
+            let Some(slot) = self.ready.pop_front() else {
+                break;
+            };
+            let outcome = match self.advance(slot, now, true) {
+                Ok(false) => continue,
+                Ok(true) => match self.sessions[slot].request.as_mut() {
+                    Some(request) => Ok(request.grant_keeping_undo()),
+                    None => continue,
+                },
+                Err(error) => Err(error),
+            };
+            if let Some(request) = self.sessions[slot].request.as_mut() {
+                request.phase = Phase::Finished(outcome);
+                self.effects.concluded.push(self.sessions[slot].id);
+            }
+        }
+        mem::take(&mut self.effects)
+    }
+
+    /// Grants the first waiters of `key` while they can be granted (FIFO: stops at the first
+    /// that cannot), and lists the granted sessions to continue. Drops the key once nobody holds
+    /// or awaits it.
+    fn grant_waiters(&mut self, key: KeySlot) {
+        let Some(state) = self.keys.get_mut(key) else {
+            return;
+        };
+        state.dirty = false;
+        while let Some(first) = state.first_waiter() {
+            if !self
+                .waiters
+                .get(first)
+                .is_some_and(|waiter| state.can_grant(waiter))
+            {
+                break;
+            }
+            let Some(waiter) = state.dequeue(&mut self.waiters, first) else {
+                break;
+            };
+            self.last_token += 1;
+            let token = FencingToken(self.last_token);
+            let Some(session) = self.sessions.get_mut(waiter.session) else {
+                continue;
+            };
+            let Some(request) = session.request.as_mut() else {
+                continue;
+            };
+            if waiter.conversion {
+                if let Some(holder) = state.holder_mut(waiter.session) {
+                    let old = mem::replace(&mut holder.token, token);
+                    holder.mode = LockMode::Exclusive;
+                    request.took_upgraded(state.name.clone(), token, old);
+                }
+            } else {
+                state.holders.push(crate::key_state::Holder {
+                    session: waiter.session,
+                    mode: waiter.mode,
+                    token,
+                });
+                session.held.push(key);
+                request.took_acquired(state.name.clone(), token);
+            }
+            self.ready.push_back(waiter.session);
+        }
+        if state.is_idle() {
+            let name = state.name.clone();
+            self.key_index.remove(&name);
+            self.keys.remove(key);
+        }
+    }
+
+    // ----- small helpers ----------------------------------------------------------------------
+
+    fn slot(&self, id: SessionId) -> Option<SessionSlot> {
+        self.session_index.get(&id).copied()
+    }
+
+    fn key_slot_or_insert(&mut self, key: &Key) -> KeySlot {
+        if let Some(&slot) = self.key_index.get(key) {
+            return slot;
+        }
+        let slot = self.keys.insert(KeyState::new(key.clone()));
+        self.key_index.insert(key.clone(), slot);
+        slot
+    }
+
+    /// Lists `key` for re-examination (once).
+    fn mark_dirty(&mut self, key: KeySlot) {
+        if let Some(state) = self.keys.get_mut(key) {
+            if !state.dirty {
+                state.dirty = true;
+                self.dirty.push_back(key);
+            }
+        }
+    }
+
+    /// Removes session `slot` from `key`'s holders and marks the key for re-examination.
+    fn remove_holder(&mut self, slot: SessionSlot, key: KeySlot) {
+        if let Some(state) = self.keys.get_mut(key) {
+            state.remove_holder(slot);
+        }
+        if let Some(session) = self.sessions.get_mut(slot) {
+            if let Some(index) = session.held.iter().position(|&k| k == key) {
+                session.held.swap_remove(index);
+            }
+        }
+        self.mark_dirty(key);
+    }
+
+    /// Turns session `slot`'s exclusive lock on `key` into a shared one, keeping its token.
+    fn downgrade_held(&mut self, slot: SessionSlot, key: KeySlot) {
+        let downgraded = self
+            .keys
+            .get_mut(key)
+            .and_then(|state| state.holder_mut(slot))
+            .filter(|holder| holder.mode == LockMode::Exclusive)
+            .map(|holder| holder.mode = LockMode::Shared)
+            .is_some();
+        if downgraded {
+            self.mark_dirty(key);
+        }
+    }
+
+    /// Takes the queue entry `waiter` out of `key`'s queue and marks the key.
+    fn dequeue(&mut self, key: KeySlot, waiter: WaiterSlot) {
+        if let Some(state) = self.keys.get_mut(key) {
+            state.dequeue(&mut self.waiters, waiter);
+        }
+        self.mark_dirty(key);
+    }
+
+    /// Takes session `slot` out of the queue it waits in (the deadlock victim), keeping its
+    /// request `Running` for the rollback.
+    fn leave_queue(&mut self, slot: SessionSlot) {
+        let Some(request) = self.sessions.get_mut(slot).and_then(|s| s.request.as_mut()) else {
+            return;
+        };
+        if let Phase::Waiting { key, waiter } = mem::replace(&mut request.phase, Phase::Running) {
+            self.dequeue(key, waiter);
+        }
+    }
+
+    /// Releases every key session `slot` holds, in key order.
+    fn release_everything(&mut self, slot: SessionSlot) {
+        let Some(session) = self.sessions.get(slot) else {
+            return;
+        };
+        let mut held: Vec<(Key, KeySlot)> = session
+            .held
+            .iter()
+            .filter_map(|&k| Some((self.keys.get(k)?.name.clone(), k)))
+            .collect();
+        held.sort_unstable();
+        for (_, key) in held {
+            self.remove_holder(slot, key);
+        }
+    }
+
+    /// Checks that session `id` may change its locks on `keys` now and holds every one of them;
+    /// returns the session and the keys, sorted and deduplicated.
+    fn held_by(
+        &self,
+        id: SessionId,
+        keys: &[Key],
+    ) -> Result<(SessionSlot, Vec<KeySlot>), LockError> {
+        let slot = self.slot(id).ok_or(LockError::SessionClosed)?;
+        if keys.is_empty() {
+            return Err(LockError::invalid(
+                "a release or downgrade must name at least one key",
+            ));
+        }
+        if self.sessions[slot].request.is_some() {
+            return Err(LockError::invalid(
+                "cannot release or downgrade while a request of this session is in progress",
+            ));
+        }
+        let mut sorted = keys.to_vec();
+        sorted.sort_unstable();
+        sorted.dedup();
+        let mut held = Vec::with_capacity(sorted.len());
+        let mut not_held = Vec::new();
+        for key in sorted {
+            match self.key_index.get(&key) {
+                Some(&k) if self.keys[k].holder(slot).is_some() => held.push(k),
+                _ => not_held.push(key),
+            }
+        }
+        if !not_held.is_empty() {
+            return Err(LockError::NotHeld { keys: not_held });
+        }
+        Ok((slot, held))
+    }
+
+    /// The key session `slot` waits on, if it waits.
+    fn waiting_key_slot(&self, slot: SessionSlot) -> Option<KeySlot> {
+        match self.sessions.get(slot)?.request.as_ref()?.phase {
+            Phase::Waiting { key, .. } => Some(key),
+            _ => None,
+        }
+    }
+
+    /// The name of the key session `slot` waits on, if it waits.
+    fn waiting_key(&self, slot: SessionSlot) -> Option<Key> {
+        Some(self.keys.get(self.waiting_key_slot(slot)?)?.name.clone())
+    }
+
+    /// The mode session `slot`'s request asks for.
+    fn request_mode(&self, slot: SessionSlot) -> Option<LockMode> {
+        Some(self.sessions.get(slot)?.request.as_ref()?.mode)
+    }
+
+    /// A member of a deadlock cycle: session `slot` waiting for `key`.
+    fn member(&self, slot: SessionSlot, key: KeySlot) -> CycleMember {
+        CycleMember {
+            session: self.sessions[slot].id,
+            waiting_for_key: self.keys[key].name.clone(),
+        }
+    }
+}
+
+/// Appends `session` to a cycle being built, cutting the loop if it is already in it (so the
+/// cycle stays simple). Returns false once the cycle has come back to its first member.
+fn push_member(members: &mut Vec<SessionSlot>, session: SessionSlot) -> bool {
+    match members.iter().position(|&s| s == session) {
+        Some(0) => false,
+        Some(index) => {
+            members.truncate(index + 1);
+            true
+        }
+        None => {
+            members.push(session);
+            true
+        }
+    }
+}
+
+/// Rule 5's edges of one key: each waiter waits for every other holder whose mode conflicts with
+/// its request and for every other waiter ahead of it whose request conflicts with it.
+fn rule5_edges(
+    holders: &[HolderSnapshot],
+    queue: &[WaiterSnapshot],
+) -> Vec<(SessionId, SessionId)> {
+    let mut edges = Vec::new();
+    for (position, waiter) in queue.iter().enumerate() {
+        let conflicts = |session: SessionId, mode: LockMode| {
+            session != waiter.session && !waiter.mode.is_compatible_with(mode)
+        };
+        edges.extend(
+            holders
+                .iter()
+                .filter(|h| conflicts(h.session, h.mode))
+                .map(|h| (waiter.session, h.session)),
+        );
+        edges.extend(
+            queue[..position]
+                .iter()
+                .filter(|w| conflicts(w.session, w.mode))
+                .map(|w| (waiter.session, w.session)),
+        );
+    }
+    edges
+}
