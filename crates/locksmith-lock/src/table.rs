@@ -401,10 +401,32 @@ impl LockTable {
     /// The edges are derived from the queues here, so a snapshot costs O(edges): q exclusive
     /// waiters on one key wait for q(q-1)/2 others. It is a diagnostic; nothing else pays it.
     pub fn snapshot(&self) -> Snapshot {
-        let mut keys = Vec::with_capacity(self.keys.len());
-        let mut waits_for = Vec::new();
-        for (_, state) in &self.keys {
-            let holders: Vec<HolderSnapshot> = state
+        let mut keys: Vec<KeySnapshot> = self
+            .keys
+            .iter()
+            .map(|(_, state)| self.key_snapshot_of(state))
+            .collect();
+        keys.sort_unstable_by(|a, b| a.key.cmp(&b.key));
+        let mut waits_for: Vec<(SessionId, SessionId)> = keys
+            .iter()
+            .flat_map(|k| rule5_edges(&k.holders, &k.queue))
+            .collect();
+        waits_for.sort_unstable();
+        waits_for.dedup();
+        Snapshot { keys, waits_for }
+    }
+
+    /// The holders and queue of one key (`None` if nobody holds or awaits it): O(holders +
+    /// queue), without the edges.
+    pub fn key_snapshot(&self, key: &Key) -> Option<KeySnapshot> {
+        let state = self.keys.get(*self.key_index.get(key)?)?;
+        Some(self.key_snapshot_of(state))
+    }
+
+    fn key_snapshot_of(&self, state: &KeyState) -> KeySnapshot {
+        KeySnapshot {
+            key: state.name.clone(),
+            holders: state
                 .holders
                 .iter()
                 .filter_map(|h| {
@@ -414,8 +436,8 @@ impl LockTable {
                         token: h.token,
                     })
                 })
-                .collect();
-            let queue: Vec<WaiterSnapshot> = state
+                .collect(),
+            queue: state
                 .queue(&self.waiters)
                 .filter_map(|w| {
                     Some(WaiterSnapshot {
@@ -425,18 +447,8 @@ impl LockTable {
                         since: w.since,
                     })
                 })
-                .collect();
-            waits_for.extend(rule5_edges(&holders, &queue));
-            keys.push(KeySnapshot {
-                key: state.name.clone(),
-                holders,
-                queue,
-            });
+                .collect(),
         }
-        keys.sort_unstable_by(|a, b| a.key.cmp(&b.key));
-        waits_for.sort_unstable();
-        waits_for.dedup();
-        Snapshot { keys, waits_for }
     }
 
     // ----- request progress -------------------------------------------------------------------
@@ -886,6 +898,9 @@ impl LockTable {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
 
 /// Appends `session` to a cycle being built, cutting the loop if it is already in it (so the
 /// cycle stays simple). Returns false once the cycle has come back to its first member.

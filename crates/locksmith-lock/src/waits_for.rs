@@ -81,7 +81,9 @@ impl CycleSearch {
             if self.key_mark[key] == round {
                 // The holders of `key` were pushed already, all but the session that got there
                 // first. That can only matter if it was `start`, holding its own key (a
-                // conversion): then `waiter` waits for `start`.
+                // conversion): then `waiter` waits for `start`. (In the lock table this needs a
+                // cycle that existed before `start` waited, which the table never lets happen,
+                // but the search answers for any graph.)
                 if key == start_key && start_converts {
                     return Some(self.path_to(start, waiter));
                 }

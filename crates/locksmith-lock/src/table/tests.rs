@@ -1,0 +1,326 @@
+//! Literal scenarios of the lock table: the order in which a call's effects happen, what a grant
+//! takes and gives back, and queues of thousands (handoff, leaving, the rule-6 trap, upgrades).
+
+use std::time::{Duration, Instant};
+
+use super::*;
+
+use LockMode::{Exclusive as X, Shared as S};
+
+/// A table with `n` open sessions, ids 0..n.
+fn table_with(n: usize) -> (LockTable, Vec<SessionId>) {
+    let mut table = LockTable::new(16);
+    let ids: Vec<SessionId> = (0..n as u128).map(SessionId::from_u128).collect();
+    for &id in &ids {
+        table.open_session(id).expect("fresh ids");
+    }
+    (table, ids)
+}
+
+fn keys(names: &[&str]) -> Vec<Key> {
+    names.iter().map(|n| Key::from(*n)).collect()
+}
+
+fn at(start: Instant, ms: u64) -> Instant {
+    start + Duration::from_millis(ms)
+}
+
+/// Acquires and expects a grant at once.
+fn granted(table: &mut LockTable, id: SessionId, names: &[&str], mode: LockMode) -> Grant {
+    let (acquired, effects) = table.acquire(id, &keys(names), mode, Instant::now(), true);
+    assert_eq!(effects, Effects::default());
+    match acquired {
+        Ok(Acquired::Granted(grant)) => grant,
+        other => panic!("{id} expected a grant of {names:?}, got {other:?}"),
+    }
+}
+
+/// Acquires and expects the request to wait.
+fn waits(table: &mut LockTable, id: SessionId, names: &[&str], mode: LockMode) {
+    let (acquired, _) = table.acquire(id, &keys(names), mode, Instant::now(), true);
+    assert_eq!(
+        acquired,
+        Ok(Acquired::Waiting),
+        "{id} should wait for {names:?}"
+    );
+}
+
+fn queue_of(table: &LockTable, name: &str) -> Vec<(SessionId, LockMode)> {
+    table
+        .key_snapshot(&Key::from(name))
+        .map(|k| k.queue.iter().map(|w| (w.session, w.mode)).collect())
+        .unwrap_or_default()
+}
+
+fn holders_of(table: &LockTable, name: &str) -> Vec<(SessionId, LockMode)> {
+    table
+        .key_snapshot(&Key::from(name))
+        .map(|k| k.holders.iter().map(|h| (h.session, h.mode)).collect())
+        .unwrap_or_default()
+}
+
+fn member(session: SessionId, key: &str) -> CycleMember {
+    CycleMember {
+        session,
+        waiting_for_key: Key::from(key),
+    }
+}
+
+#[test]
+fn waiters_granted_together_continue_their_requests_in_queue_order() {
+    // H: X(k1)   E: S(k2)   F: X(k2) waits
+    // B: S(k1, k2) waits on k1   C: S(k1, k2) waits on k1
+    // H releases k1: B and C are granted k1 together and continue in that order, so they queue
+    // on k2 behind F in the order they queued on k1.
+    let (mut table, ids) = table_with(5);
+    let (h, e, f, b, c) = (ids[0], ids[1], ids[2], ids[3], ids[4]);
+    granted(&mut table, h, &["k1"], X);
+    granted(&mut table, e, &["k2"], S);
+    waits(&mut table, f, &["k2"], X);
+    waits(&mut table, b, &["k1", "k2"], S);
+    waits(&mut table, c, &["k1", "k2"], S);
+    let (released, effects) = table.release(h, &keys(&["k1"]), Instant::now());
+    assert_eq!(released, Ok(()));
+    assert_eq!(holders_of(&table, "k1"), vec![(b, S), (c, S)]);
+    assert_eq!(queue_of(&table, "k2"), vec![(f, X), (b, S), (c, S)]);
+    assert!(effects.concluded.is_empty(), "B and C still wait");
+}
+
+#[test]
+fn keys_freed_by_one_call_are_re_examined_in_the_order_it_freed_them() {
+    // A: X(k1, k2)   B: X(k3)   C: X(k4)
+    // B: X(k1, k4) waits on k1     C: X(k2, k3) waits on k2
+    // A releases k2 and k1 (one call, freed in key order): k1 is re-examined first, so B is
+    // granted first and continues first (it waits on k4, held by C, which is not waiting yet);
+    // then C continues to k3, held by B, which waits for C: C closes the cycle and is the
+    // victim. B keeps waiting for k4.
+    let (mut table, ids) = table_with(3);
+    let (a, b, c) = (ids[0], ids[1], ids[2]);
+    granted(&mut table, a, &["k1", "k2"], X);
+    granted(&mut table, b, &["k3"], X);
+    granted(&mut table, c, &["k4"], X);
+    waits(&mut table, b, &["k1", "k4"], X);
+    waits(&mut table, c, &["k2", "k3"], X);
+    let (released, effects) = table.release(a, &keys(&["k2", "k1"]), Instant::now());
+    assert_eq!(released, Ok(()));
+    assert_eq!(effects.concluded, vec![c]);
+    assert_eq!(
+        table.take_outcome(c),
+        Some(Err(LockError::Deadlock {
+            cycle: vec![member(c, "k3"), member(b, "k4")]
+        }))
+    );
+    assert_eq!(table.take_outcome(b), None, "B still waits");
+    assert_eq!(queue_of(&table, "k4"), vec![(b, X)]);
+    // C's rollback gave k2 back; it keeps k4, which it held before its request.
+    assert_eq!(holders_of(&table, "k2"), vec![]);
+    assert_eq!(table.held_keys(c), keys(&["k4"]));
+}
+
+#[test]
+fn effects_list_exactly_the_waiting_requests_a_call_concluded() {
+    // A: X(k1); B and C wait; A releases: only B is granted and listed.
+    let (mut table, ids) = table_with(3);
+    let (a, b, c) = (ids[0], ids[1], ids[2]);
+    granted(&mut table, a, &["k1"], X);
+    waits(&mut table, b, &["k1"], X);
+    waits(&mut table, c, &["k1"], X);
+    let (_, effects) = table.release(a, &keys(&["k1"]), Instant::now());
+    assert_eq!(effects.concluded, vec![b]);
+    let grant = table.take_outcome(b).expect("concluded").expect("granted");
+    assert_eq!(grant.taken.acquired, keys(&["k1"]));
+    // Closing C's session concludes its waiting request too.
+    let (closed, effects) = table.close_session(c, Instant::now());
+    assert!(closed);
+    assert_eq!(effects.concluded, vec![c]);
+}
+
+#[test]
+fn give_back_returns_exactly_what_the_request_took() {
+    // A: S(k1) token t1, X(k3)
+    // A: X(k1, k2, k3): k1 upgraded at once, k2 acquired, k3 already held.
+    // give_back: k2 released, k1 downgraded keeping the exclusive token, k3 untouched.
+    let (mut table, ids) = table_with(2);
+    let (a, b) = (ids[0], ids[1]);
+    granted(&mut table, a, &["k1"], S);
+    let k3 = granted(&mut table, a, &["k3"], X).tokens[0].1;
+    let grant = granted(&mut table, a, &["k1", "k2", "k3"], X);
+    assert_eq!(grant.taken.acquired, keys(&["k2"]));
+    assert_eq!(grant.taken.upgraded, keys(&["k1"]));
+    let upgraded_token = grant.tokens[0].1;
+    waits(&mut table, b, &["k2"], S);
+    let (given, effects) = table.give_back(a, &grant.taken, Instant::now());
+    assert_eq!(given, Ok(()));
+    assert_eq!(effects.concluded, vec![b], "B is granted the released k2");
+    assert_eq!(
+        table.held_mode(a, &Key::from("k1")),
+        Some((S, upgraded_token))
+    );
+    assert_eq!(table.held_mode(a, &Key::from("k2")), None);
+    assert_eq!(table.held_mode(a, &Key::from("k3")), Some((X, k3)));
+}
+
+#[test]
+fn give_back_of_keys_no_longer_held_changes_nothing() {
+    let (mut table, ids) = table_with(1);
+    let a = ids[0];
+    let grant = granted(&mut table, a, &["k1", "k2"], X);
+    let (released, _) = table.release(a, &keys(&["k2"]), Instant::now());
+    assert_eq!(released, Ok(()));
+    let (given, _) = table.give_back(a, &grant.taken, Instant::now());
+    assert_eq!(
+        given,
+        Err(LockError::NotHeld {
+            keys: keys(&["k2"])
+        })
+    );
+    assert_eq!(table.held_keys(a), keys(&["k1"]));
+}
+
+#[test]
+fn a_handoff_on_a_queue_of_ten_thousand_grants_the_head_and_keeps_the_order() {
+    // H: X(k1); W0..W9999 wait X(k1). H releases: W0 is granted and listed alone; the other
+    // 9,999 keep their order. H queues again at the tail.
+    let n = 10_000;
+    let (mut table, ids) = table_with(n + 1);
+    let (h, waiters) = (ids[0], &ids[1..]);
+    granted(&mut table, h, &["k1"], X);
+    for &w in waiters {
+        waits(&mut table, w, &["k1"], X);
+    }
+    let (_, effects) = table.release(h, &keys(&["k1"]), Instant::now());
+    assert_eq!(effects.concluded, vec![waiters[0]]);
+    assert!(table.take_outcome(waiters[0]).expect("concluded").is_ok());
+    waits(&mut table, h, &["k1"], X);
+    let queue: Vec<SessionId> = queue_of(&table, "k1").into_iter().map(|(s, _)| s).collect();
+    assert_eq!(queue.len(), n);
+    assert_eq!(&queue[..n - 1], &waiters[1..]);
+    assert_eq!(queue[n - 1], h);
+}
+
+#[test]
+fn five_thousand_waiters_timing_out_at_once_leave_the_queue_in_order_and_then_the_key() {
+    // H: X(k1); 5,000 sessions wait X(k1) with the same deadline, and all expire: every other
+    // one first (the rest keep their order), then the rest. Then H releases and the key is gone.
+    let n = 5_000;
+    let (mut table, ids) = table_with(n + 1);
+    let start = Instant::now();
+    let (h, waiters) = (ids[0], &ids[1..]);
+    granted(&mut table, h, &["k1"], X);
+    for &w in waiters {
+        let (acquired, _) = table.acquire(w, &keys(&["k1"]), X, at(start, 1), true);
+        assert_eq!(acquired, Ok(Acquired::Waiting));
+    }
+    for &w in waiters.iter().step_by(2) {
+        let (expired, effects) = table.expire(w, at(start, 20));
+        assert_eq!(
+            expired,
+            Err(LockError::Timeout {
+                key: Key::from("k1")
+            })
+        );
+        assert!(effects.concluded.is_empty(), "nobody behind can be granted");
+    }
+    let rest: Vec<SessionId> = waiters.iter().skip(1).step_by(2).copied().collect();
+    let queue: Vec<SessionId> = queue_of(&table, "k1").into_iter().map(|(s, _)| s).collect();
+    assert_eq!(queue, rest);
+    for &w in &rest {
+        let (expired, _) = table.expire(w, at(start, 20));
+        assert!(matches!(expired, Err(LockError::Timeout { .. })));
+    }
+    assert!(queue_of(&table, "k1").is_empty());
+    let (_, effects) = table.release(h, &keys(&["k1"]), at(start, 21));
+    assert!(effects.concluded.is_empty());
+    assert!(table.snapshot().is_empty());
+}
+
+#[test]
+fn the_queued_waiter_trap_is_found_with_a_thousand_waiters_between_the_cycle_members() {
+    // Rule 6 with a crowd: A: S(k1); B: X(k1) waits (B → A); 1,000 readers queue S(k1) behind B;
+    // C: X(k2), then C: S(k1) waits at the tail (C → B only). A: S(k2) closes A → C → B → A.
+    let n = 1_000;
+    let (mut table, ids) = table_with(n + 3);
+    let (a, b, c, crowd) = (ids[0], ids[1], ids[2], &ids[3..]);
+    granted(&mut table, a, &["k1"], S);
+    waits(&mut table, b, &["k1"], X);
+    for &r in crowd {
+        waits(&mut table, r, &["k1"], S);
+    }
+    granted(&mut table, c, &["k2"], X);
+    waits(&mut table, c, &["k1"], S);
+    let (acquired, effects) = table.acquire(a, &keys(&["k2"]), S, Instant::now(), true);
+    assert_eq!(
+        acquired,
+        Err(LockError::Deadlock {
+            cycle: vec![member(a, "k2"), member(c, "k1"), member(b, "k1")]
+        })
+    );
+    assert!(effects.concluded.is_empty());
+    // Everybody else keeps waiting; when A releases k1, B is granted and the crowd waits for B.
+    let (_, effects) = table.release(a, &keys(&["k1"]), Instant::now());
+    assert_eq!(effects.concluded, vec![b]);
+    assert_eq!(queue_of(&table, "k1").len(), n + 1);
+}
+
+#[test]
+fn an_upgrade_with_a_thousand_readers_queued_waits_at_the_head_and_is_granted_first() {
+    // A: S(k1)   B: S(k1)   W: X(k1) waits   1,000 readers S(k1) wait behind W.
+    // A: X(k1) is a conversion: it waits at the head, ahead of W and the readers (A → B).
+    // B: X(k1) would be a second conversion: deadlock [B on k1, A on k1]; B keeps S(k1).
+    // B releases k1: A's upgrade is granted first; W and the readers keep waiting, in order.
+    let n = 1_000;
+    let (mut table, ids) = table_with(n + 3);
+    let (a, b, w, readers) = (ids[0], ids[1], ids[2], &ids[3..]);
+    granted(&mut table, a, &["k1"], S);
+    granted(&mut table, b, &["k1"], S);
+    waits(&mut table, w, &["k1"], X);
+    for &r in readers {
+        waits(&mut table, r, &["k1"], S);
+    }
+    waits(&mut table, a, &["k1"], X);
+    let queue = queue_of(&table, "k1");
+    assert_eq!(queue[0], (a, X));
+    assert_eq!(queue[1], (w, X));
+    assert_eq!(queue.len(), n + 2);
+    let (acquired, _) = table.acquire(b, &keys(&["k1"]), X, Instant::now(), true);
+    assert_eq!(
+        acquired,
+        Err(LockError::Deadlock {
+            cycle: vec![member(b, "k1"), member(a, "k1")]
+        })
+    );
+    assert_eq!(holders_of(&table, "k1"), vec![(a, S), (b, S)]);
+    let (_, effects) = table.release(b, &keys(&["k1"]), Instant::now());
+    assert_eq!(effects.concluded, vec![a]);
+    assert_eq!(holders_of(&table, "k1"), vec![(a, X)]);
+    let queue = queue_of(&table, "k1");
+    assert_eq!(queue[0], (w, X));
+    assert_eq!(queue.len(), n + 1);
+}
+
+#[test]
+fn a_conversion_waits_for_the_other_shared_holders_and_the_waiters_behind_wait_for_it() {
+    // A: S(k1)   B: S(k1)   C: X(k1) waits (C → A, C → B)   D: S(k1) waits (D → C)
+    // A: X(k1) converts at the head: A → B only; C and D now also wait for A's request.
+    let (mut table, ids) = table_with(4);
+    let (a, b, c, d) = (ids[0], ids[1], ids[2], ids[3]);
+    granted(&mut table, a, &["k1"], S);
+    granted(&mut table, b, &["k1"], S);
+    waits(&mut table, c, &["k1"], X);
+    waits(&mut table, d, &["k1"], S);
+    waits(&mut table, a, &["k1"], X);
+    let mut expected = vec![(a, b), (c, a), (c, b), (d, a), (d, c)];
+    expected.sort_unstable();
+    assert_eq!(table.snapshot().waits_for, expected);
+    assert_eq!(queue_of(&table, "k1"), vec![(a, X), (c, X), (d, S)]);
+}
+
+#[test]
+fn a_session_id_already_open_is_refused() {
+    let (mut table, ids) = table_with(1);
+    assert!(matches!(
+        table.open_session(ids[0]),
+        Err(LockError::InvalidRequest { .. })
+    ));
+    assert_eq!(table.session_count(), 1);
+}
