@@ -276,6 +276,23 @@ fn chain(waiting: usize, now: Instant) -> (LockTable, Vec<SessionId>) {
     (table, sessions)
 }
 
+/// Opens two sessions with ids from `first`: the first takes `key` and the second queues for it,
+/// so the first is waited for and its requests are searched. Returns the first.
+fn waited_for_probe(table: &mut LockTable, first: usize, key: Key, now: Instant) -> SessionId {
+    let probe = open_sessions(table, first, 2);
+    let acquired = table_acquire(
+        table,
+        probe[0],
+        std::slice::from_ref(&key),
+        LockMode::Exclusive,
+        now,
+    );
+    assert!(matches!(acquired, Ok(Acquired::Granted(_))));
+    let acquired = table_acquire(table, probe[1], &[key], LockMode::Exclusive, now);
+    assert!(matches!(acquired, Ok(Acquired::Waiting)));
+    probe[0]
+}
+
 /// One hot key: session 0 holds `key(0)` exclusively and `waiting` sessions holding nothing are
 /// queued for it. Returns the table, the holder and the waiters.
 fn hot_key(waiting: usize, now: Instant) -> (LockTable, SessionId, Vec<SessionId>) {
@@ -352,30 +369,14 @@ fn wait_and_cycle_check(c: &mut Criterion) {
         // Random forest: a session holding a key somebody waits for requests a random key (its
         // holder and, from it, every ancestor up to the root are reachable).
         let (mut table, sessions) = random_forest(waiting, now);
-        let probe = open_sessions(&mut table, waiting + 1, 2);
-        let acquired = table_acquire(
-            &mut table,
-            probe[0],
-            &[key(waiting + 1)],
-            LockMode::Exclusive,
-            now,
-        );
-        assert!(matches!(acquired, Ok(Acquired::Granted(_))));
-        let acquired = table_acquire(
-            &mut table,
-            probe[1],
-            &[key(waiting + 1)],
-            LockMode::Exclusive,
-            now,
-        );
-        assert!(matches!(acquired, Ok(Acquired::Waiting)));
+        let probe = waited_for_probe(&mut table, waiting + 1, key(waiting + 1), now);
         let mut rng = SmallRng::seed_from_u64(11);
         let targets: Vec<[Key; 1]> = (0..1024)
             .map(|_| [key(rng.random_range(0..=waiting))])
             .collect();
         group.bench_function(
             BenchmarkId::new("random_forest_wait_cancel", waiting),
-            |b| bench_wait_cancel(b, &mut table, probe[0], &targets, now),
+            |b| bench_wait_cancel(b, &mut table, probe, &targets, now),
         );
         // The root requests a key of a random waiting session: every waiting session leads back
         // to the root, so this closes a cycle.
@@ -389,35 +390,17 @@ fn wait_and_cycle_check(c: &mut Criterion) {
 
         // Long chain s0 -> s1 -> ... -> sN.
         let (mut table, sessions) = chain(waiting, now);
-        // Waiting on the head: the whole chain is reachable, the search visits all of it. The
-        // probe holds a key with a waiter, so it is searched.
-        let probe = sessions[waiting];
-        let _ = probe;
-        let extra = open_sessions(&mut table, waiting + 1, 2);
-        let acquired = table_acquire(
-            &mut table,
-            extra[0],
-            &[key(waiting + 1)],
-            LockMode::Exclusive,
-            now,
-        );
-        assert!(matches!(acquired, Ok(Acquired::Granted(_))));
-        let acquired = table_acquire(
-            &mut table,
-            extra[1],
-            &[key(waiting + 1)],
-            LockMode::Exclusive,
-            now,
-        );
-        assert!(matches!(acquired, Ok(Acquired::Waiting)));
+        // Waiting on the head: the whole chain is reachable, the search visits all of it (the
+        // probe is waited for, so it is searched).
+        let probe = waited_for_probe(&mut table, waiting + 1, key(waiting + 1), now);
         group.bench_function(
             BenchmarkId::new("chain_wait_on_head_cancel", waiting),
-            |b| bench_wait_cancel(b, &mut table, extra[0], &[[key(0)]], now),
+            |b| bench_wait_cancel(b, &mut table, probe, &[[key(0)]], now),
         );
         // Waiting on the tail (the running session): one node reachable, however long the chain.
         group.bench_function(
             BenchmarkId::new("chain_wait_on_tail_cancel", waiting),
-            |b| bench_wait_cancel(b, &mut table, extra[0], &[[key(waiting)]], now),
+            |b| bench_wait_cancel(b, &mut table, probe, &[[key(waiting)]], now),
         );
         // The tail requests the head's key: a cycle through all N + 1 sessions.
         group.bench_function(BenchmarkId::new("chain_closing_deadlock", waiting), |b| {
@@ -427,24 +410,21 @@ fn wait_and_cycle_check(c: &mut Criterion) {
 
         // One hot key with `waiting` sessions queued on it.
         let (mut table, holder, _) = hot_key(waiting, now);
-        let probe = open_sessions(&mut table, waiting + 1, 2);
+        let loner = open_sessions(&mut table, waiting + 1, 1)[0];
         // A session holding nothing joins the tail: nobody can wait for it, no search.
         group.bench_function(BenchmarkId::new("hot_key_tail_wait_cancel", waiting), |b| {
-            bench_wait_cancel(b, &mut table, probe[0], &[[key(0)]], now)
+            bench_wait_cancel(b, &mut table, loner, &[[key(0)]], now)
         });
         // A session holding a key somebody waits for joins the tail: searched (the hot key's
         // holder is reachable; its queue is not scanned).
-        let acquired = table_acquire(&mut table, probe[0], &[key(1)], LockMode::Exclusive, now);
-        assert!(matches!(acquired, Ok(Acquired::Granted(_))));
-        let acquired = table_acquire(&mut table, probe[1], &[key(1)], LockMode::Exclusive, now);
-        assert!(matches!(acquired, Ok(Acquired::Waiting)));
+        let probe = waited_for_probe(&mut table, waiting + 2, key(1), now);
         group.bench_function(
             BenchmarkId::new("hot_key_searched_wait_cancel", waiting),
-            |b| bench_wait_cancel(b, &mut table, probe[0], &[[key(0)]], now),
+            |b| bench_wait_cancel(b, &mut table, probe, &[[key(0)]], now),
         );
         // The hot key's holder requests a key held by a session queued behind `waiting` others
         // on the hot key: a two-session cycle, found without scanning the queue.
-        let acquired = table_acquire(&mut table, probe[0], &[key(0)], LockMode::Exclusive, now);
+        let acquired = table_acquire(&mut table, probe, &[key(0)], LockMode::Exclusive, now);
         assert!(matches!(acquired, Ok(Acquired::Waiting)));
         group.bench_function(BenchmarkId::new("hot_key_deadlock", waiting), |b| {
             bench_deadlock(b, &mut table, holder, &[[key(1)]], now)

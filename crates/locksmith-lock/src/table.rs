@@ -275,12 +275,7 @@ impl LockTable {
         keys: &[Key],
         now: impl Into<Now>,
     ) -> (Result<(), LockError>, Effects) {
-        let result = self.held_by(id, keys).map(|(slot, held)| {
-            for key in held {
-                self.remove_holder(slot, key);
-            }
-        });
-        (result, self.finish_call(&mut now.into()))
+        self.change_held(id, keys, now.into(), Self::remove_holder)
     }
 
     /// Turns the session's exclusive locks on `keys` into shared ones, keeping their fencing
@@ -296,12 +291,24 @@ impl LockTable {
         keys: &[Key],
         now: impl Into<Now>,
     ) -> (Result<(), LockError>, Effects) {
+        self.change_held(id, keys, now.into(), Self::downgrade_held)
+    }
+
+    /// Validates `keys` as held by session `id` (see [`LockTable::release`]), then applies
+    /// `change` to each, in key order.
+    fn change_held(
+        &mut self,
+        id: SessionId,
+        keys: &[Key],
+        mut now: Now,
+        change: fn(&mut Self, SessionSlot, KeySlot),
+    ) -> (Result<(), LockError>, Effects) {
         let result = self.held_by(id, keys).map(|(slot, held)| {
             for key in held {
-                self.downgrade_held(slot, key);
+                change(self, slot, key);
             }
         });
-        (result, self.finish_call(&mut now.into()))
+        (result, self.finish_call(&mut now))
     }
 
     /// Gives back what one request took ([`Grant::taken`]): releases the keys it acquired, then
