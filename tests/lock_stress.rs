@@ -1,8 +1,9 @@
-//! Concurrent stress test of the lock manager on a multi-threaded runtime.
+//! Concurrent stress tests of the lock manager on a multi-threaded runtime.
 //!
-//! Hundreds of tasks, each with its own session and a seeded random plan, acquire 1–3 of 16 keys
-//! (sometimes keys they already hold, which makes upgrades) in a random mode, release some keys,
-//! release all, and sometimes close their session while holding locks. Waits come in four kinds:
+//! `hundreds_of_random_sessions_keep_mutual_exclusion_and_leave_nothing_locked`: hundreds of
+//! tasks, each with its own session and a seeded random plan, acquire 1–3 of 16 keys (sometimes
+//! keys they already hold, which makes upgrades) in a random mode, release some keys, release
+//! all, and sometimes close their session while holding locks. Waits come in four kinds:
 //! try-locks, deadlines of 1–20 ms, no deadline with the caller giving up after 1–20 ms (the
 //! future is dropped: rule 9), and no deadline at all. The last kind makes the run a liveness
 //! check: a task waiting without a deadline only ends its wait by a grant or a `Deadlock`, so a
@@ -23,13 +24,28 @@
 //! timeouts and abandoned requests are printed and each must be non-zero, so the test is not
 //! vacuous (typical run on 2 cores: ~1.3 s, ~1500 grants, ~30 upgrades, ~1000 deadlocks, ~1000
 //! try-lock and ~2800 wait timeouts, ~950 abandoned requests).
+//!
+//! `a_hot_key_beside_cold_keys_keeps_exclusion_and_nothing_hangs`: one hot key among 100. 400
+//! tasks hammer it (mostly exclusive, some shared, some together with a cold key, so that a
+//! request sometimes holds a cold key while it queues on the hot one), waiting in five ways:
+//! try-locks, deadlines of 0.1–5 ms, futures dropped by a `timeout` or by losing a `select!` after
+//! a few scheduler turns (rule 9), and no deadline at all. Meanwhile 16 tasks take random cold
+//! keys without a deadline. The same exclusion and fencing checks run on every grant. No session
+//! holds a lock across requests and every request takes its keys in sorted order, so no deadlock
+//! is possible and `Timeout` is the only error allowed. At the end no task hung (the run has the
+//! same time limit), every cold-key round was granted, every hot-key request was granted, timed
+//! out or dropped and left nothing held, the snapshot is empty, two or more readers held the hot
+//! key together at some point, and each kind of grant, timeout and dropped request happened
+//! (typical run on 2 cores: ~0.25 s; on the hot key ~45000 exclusive, ~14000 shared and ~10000
+//! hot-and-cold grants; 20000 cold grants; ~10000 try-lock and ~5000 wait timeouts; ~1700
+//! futures dropped by a timeout and ~15000 by a select).
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::SeqCst};
 use std::sync::Arc;
 use std::time::Duration;
 
-use locksmith::lock::{Key, LockError, LockManager, LockManagerConfig, LockMode, Session};
+use locksmith::lock::{Grant, Key, LockError, LockManager, LockManagerConfig, LockMode, Session};
 use rand::rngs::StdRng;
 use rand::seq::index::sample;
 use rand::{Rng, SeedableRng};
@@ -404,4 +420,354 @@ async fn hundreds_of_random_sessions_keep_mutual_exclusion_and_leave_nothing_loc
             "no {name} happened: the run proves little"
         );
     }
+}
+
+/// The hot-key test's keys are `key-00` to `key-99`; `key-50` is the hot one. A request for the
+/// hot key and a cold one takes them in sorted order, so with a cold key below 50 it holds the
+/// cold key while it queues on the hot one, and with one above 50 the other way round.
+const HOT_KEY: usize = 50;
+const HOT_COLD_KEYS: usize = 100;
+const HOT_TASKS: usize = 400;
+const HOT_ROUNDS: usize = 250;
+const COLD_TASKS: usize = 16;
+const COLD_ROUNDS: usize = 1250;
+
+/// What the hot-key test counts.
+#[derive(Default)]
+struct HotColdStats {
+    hot_exclusive_grants: AtomicU64,
+    hot_shared_grants: AtomicU64,
+    /// Grants of a request for the hot key and a cold one.
+    hot_and_cold_grants: AtomicU64,
+    cold_grants: AtomicU64,
+    try_lock_timeouts: AtomicU64,
+    wait_timeouts: AtomicU64,
+    /// Requests whose future was dropped mid-wait (rule 9) by a `timeout`...
+    abandoned_by_timeout: AtomicU64,
+    /// ... and by losing a `select!`.
+    abandoned_by_select: AtomicU64,
+    /// The most readers seen holding the hot key together.
+    most_hot_readers: AtomicI64,
+}
+
+/// Everything the hot-key test's tasks share.
+struct HotColdRun {
+    /// The manager and the independent exclusion checker (`Shared::stats` is not used).
+    shared: Shared,
+    stats: HotColdStats,
+}
+
+impl HotColdRun {
+    /// Checks a grant of `keys` (sorted) in `mode` to a session that held nothing before, holds
+    /// the keys for a few scheduler turns, and lets go of them in one of the three ways the
+    /// manager offers.
+    async fn hold_then_release(
+        &self,
+        session: &Session,
+        keys: &[usize],
+        mode: LockMode,
+        grant: Grant,
+        rng: &mut StdRng,
+    ) {
+        let manager = &self.shared.manager;
+        let names: Vec<Key> = keys.iter().map(|&k| key_name(k)).collect();
+        let granted: Vec<&Key> = grant.tokens.iter().map(|(k, _)| k).collect();
+        assert_eq!(
+            granted,
+            names.iter().collect::<Vec<_>>(),
+            "a grant must name exactly the requested keys"
+        );
+        assert_eq!(
+            grant.taken.acquired, names,
+            "a session holding nothing acquires every key it asks for"
+        );
+        for (key, token) in &grant.tokens {
+            self.shared.granted(key_index(key), mode, None, token.0);
+        }
+        if mode == LockMode::Shared && keys.contains(&HOT_KEY) {
+            let readers = self.shared.keys[HOT_KEY].readers.load(SeqCst);
+            self.stats.most_hot_readers.fetch_max(readers, SeqCst);
+        }
+        for _ in 0..rng.random_range(0..=3) {
+            tokio::task::yield_now().await;
+        }
+        for &k in keys {
+            self.shared.releasing(k, mode);
+        }
+        match rng.random_range(0..3) {
+            0 => manager
+                .release(session, &names)
+                .unwrap_or_else(|e| panic!("release of granted keys failed: {e:?}")),
+            1 => manager
+                .give_back(session, &grant.taken)
+                .unwrap_or_else(|e| panic!("give_back of a grant failed: {e:?}")),
+            _ => manager.release_all(session),
+        }
+        assert!(
+            manager.held_keys(session).is_empty(),
+            "the session still holds keys after letting go"
+        );
+    }
+}
+
+fn random_cold_key(rng: &mut StdRng) -> usize {
+    let k = rng.random_range(0..HOT_COLD_KEYS - 1);
+    if k >= HOT_KEY {
+        k + 1
+    } else {
+        k
+    }
+}
+
+/// Completes after `turns` turns of the scheduler.
+async fn yield_turns(turns: usize) {
+    for _ in 0..turns {
+        tokio::task::yield_now().await;
+    }
+}
+
+/// One task hammering the hot key: each round asks for it (65 % exclusive, 20 % shared, 15 %
+/// together with a cold key), waiting in one of five ways, and lets go of whatever it got.
+/// Nothing is held from one round to the next.
+async fn hammer_the_hot_key(run: Arc<HotColdRun>, mut rng: StdRng) {
+    let manager = &run.shared.manager;
+    let stats = &run.stats;
+    let session = manager.open_session();
+    for _ in 0..HOT_ROUNDS {
+        let (keys, mode) = match rng.random_range(0..100) {
+            0..65 => (vec![HOT_KEY], LockMode::Exclusive),
+            65..85 => (vec![HOT_KEY], LockMode::Shared),
+            _ => {
+                let mut keys = vec![HOT_KEY, random_cold_key(&mut rng)];
+                keys.sort_unstable();
+                let mode = if rng.random_bool(0.7) {
+                    LockMode::Exclusive
+                } else {
+                    LockMode::Shared
+                };
+                (keys, mode)
+            }
+        };
+        let names: Vec<Key> = keys.iter().map(|&k| key_name(k)).collect();
+        // Short enough that waits behind the hot key's queue often run out, so expiries race
+        // with grants (rule 8); tokio's timer rounds them up to whole milliseconds.
+        let wait = Duration::from_micros(rng.random_range(100..=5_000));
+        let now = Instant::now();
+        let kind = rng.random_range(0..100);
+        let outcome = match kind {
+            // A try-lock.
+            0..10 => Some(manager.acquire(&session, &names, mode, Some(now)).await),
+            // A deadline.
+            10..55 => Some(
+                manager
+                    .acquire(&session, &names, mode, Some(now + wait))
+                    .await,
+            ),
+            // No deadline, but the caller gives up after `wait` and drops the future.
+            55..70 => tokio::time::timeout(wait, manager.acquire(&session, &names, mode, None))
+                .await
+                .ok(),
+            // A deadline, but the caller gives up after a few scheduler turns, often while a
+            // grant is on its way: the future is dropped mid-wait whatever the clock says.
+            70..85 => {
+                let turns = rng.random_range(1..=20);
+                tokio::select! {
+                    outcome = manager.acquire(&session, &names, mode, Some(now + wait)) => {
+                        Some(outcome)
+                    }
+                    () = yield_turns(turns) => None,
+                }
+            }
+            // No deadline at all: only a grant ends the wait, so a lost wake-up hangs the task.
+            _ => Some(manager.acquire(&session, &names, mode, None).await),
+        };
+        match outcome {
+            Some(Ok(grant)) => {
+                let class = match (keys.len(), mode) {
+                    (2, _) => &stats.hot_and_cold_grants,
+                    (_, LockMode::Exclusive) => &stats.hot_exclusive_grants,
+                    (_, LockMode::Shared) => &stats.hot_shared_grants,
+                };
+                class.fetch_add(1, SeqCst);
+                run.hold_then_release(&session, &keys, mode, grant, &mut rng)
+                    .await;
+            }
+            Some(Err(LockError::Timeout { key })) => {
+                assert!(
+                    names.contains(&key),
+                    "timeout names {key:?}, which {names:?} does not contain"
+                );
+                let counter = if kind < 10 {
+                    &stats.try_lock_timeouts
+                } else {
+                    &stats.wait_timeouts
+                };
+                counter.fetch_add(1, SeqCst);
+            }
+            Some(Err(other)) => panic!("unexpected error from acquire of {names:?}: {other:?}"),
+            None if kind < 70 => {
+                stats.abandoned_by_timeout.fetch_add(1, SeqCst);
+            }
+            None => {
+                stats.abandoned_by_select.fetch_add(1, SeqCst);
+            }
+        }
+        assert!(
+            manager.held_keys(&session).is_empty(),
+            "a failed or abandoned request left locks behind (rules 4 and 9)"
+        );
+        tokio::task::yield_now().await;
+    }
+    session.close();
+}
+
+/// One task using cold keys only: each round asks for one or two random cold keys in a random
+/// mode with no deadline, so every round must end in a grant. Returns the rounds granted.
+async fn use_cold_keys(run: Arc<HotColdRun>, mut rng: StdRng) -> usize {
+    let manager = &run.shared.manager;
+    let session = manager.open_session();
+    let mut granted = 0;
+    for _ in 0..COLD_ROUNDS {
+        let count = rng.random_range(1..=2);
+        let mut keys: Vec<usize> = (0..count).map(|_| random_cold_key(&mut rng)).collect();
+        keys.sort_unstable();
+        keys.dedup();
+        let names: Vec<Key> = keys.iter().map(|&k| key_name(k)).collect();
+        let mode = if rng.random_bool(0.5) {
+            LockMode::Exclusive
+        } else {
+            LockMode::Shared
+        };
+        match manager.acquire(&session, &names, mode, None).await {
+            Ok(grant) => {
+                run.stats.cold_grants.fetch_add(1, SeqCst);
+                run.hold_then_release(&session, &keys, mode, grant, &mut rng)
+                    .await;
+                granted += 1;
+            }
+            Err(error) => panic!("cold request for {names:?} failed: {error:?}"),
+        }
+        tokio::task::yield_now().await;
+    }
+    session.close();
+    granted
+}
+
+/// One hot key beside cold ones (see the module documentation).
+///
+/// Deadlocks cannot happen here, so none is allowed: no session holds a lock from before its
+/// request, and every request takes its keys in sorted order. A session waiting on key `k` then
+/// holds only keys below `k`, so a holder edge leads to a session waiting on a higher key, and a
+/// waiter edge to one queued ahead on the same key; following edges, the key never goes down and,
+/// on one key, the queue position strictly goes forward, so no path comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hot_key_beside_cold_keys_keeps_exclusion_and_nothing_hangs() {
+    let run = Arc::new(HotColdRun {
+        shared: Shared {
+            manager: LockManager::new(LockManagerConfig::default()),
+            keys: (0..HOT_COLD_KEYS).map(|_| KeyCounters::default()).collect(),
+            stats: Stats::default(),
+        },
+        stats: HotColdStats::default(),
+    });
+    let started = std::time::Instant::now();
+    // Interleave the spawns so the cold tasks start among the hot ones, not after them.
+    let mut hot = Vec::with_capacity(HOT_TASKS);
+    let mut cold = Vec::with_capacity(COLD_TASKS);
+    for task in 0..HOT_TASKS {
+        let rng = StdRng::seed_from_u64(0x4070_0000 + task as u64);
+        hot.push(tokio::spawn(hammer_the_hot_key(Arc::clone(&run), rng)));
+        if task % (HOT_TASKS / COLD_TASKS) == 0 && cold.len() < COLD_TASKS {
+            let rng = StdRng::seed_from_u64(0xc01d_0000 + task as u64);
+            cold.push(tokio::spawn(use_cold_keys(Arc::clone(&run), rng)));
+        }
+    }
+    assert_eq!(cold.len(), COLD_TASKS);
+    let all = async {
+        let mut cold_rounds = Vec::with_capacity(COLD_TASKS);
+        for task in cold {
+            cold_rounds.push(task.await.expect("a cold-key task failed its checks"));
+        }
+        let cold_done = started.elapsed();
+        for task in hot {
+            task.await.expect("a hot-key task failed its checks");
+        }
+        (cold_rounds, cold_done)
+    };
+    let (cold_rounds, cold_done) = tokio::time::timeout(RUN_LIMIT, all)
+        .await
+        .expect("some task hung: the run did not finish in time");
+
+    let stats = &run.stats;
+    let count = |c: &AtomicU64| c.load(SeqCst);
+    eprintln!(
+        "{HOT_TASKS} hot-key tasks x {HOT_ROUNDS} rounds and {COLD_TASKS} cold-key tasks x \
+         {COLD_ROUNDS} rounds in {:?} (cold ones done after {cold_done:?}): hot key granted {} exclusive, {} shared (at most {} \
+         readers together), {} with a cold key; {} cold grants; {} try-lock timeouts, {} wait \
+         timeouts, {} + {} abandoned (future dropped by a timeout + by a select)",
+        started.elapsed(),
+        count(&stats.hot_exclusive_grants),
+        count(&stats.hot_shared_grants),
+        stats.most_hot_readers.load(SeqCst),
+        count(&stats.hot_and_cold_grants),
+        count(&stats.cold_grants),
+        count(&stats.try_lock_timeouts),
+        count(&stats.wait_timeouts),
+        count(&stats.abandoned_by_timeout),
+        count(&stats.abandoned_by_select),
+    );
+
+    assert_eq!(
+        cold_rounds,
+        vec![COLD_ROUNDS; COLD_TASKS],
+        "every cold-key task is granted every round"
+    );
+    let hot_requests = count(&stats.hot_exclusive_grants)
+        + count(&stats.hot_shared_grants)
+        + count(&stats.hot_and_cold_grants)
+        + count(&stats.try_lock_timeouts)
+        + count(&stats.wait_timeouts)
+        + count(&stats.abandoned_by_timeout)
+        + count(&stats.abandoned_by_select);
+    assert_eq!(
+        hot_requests,
+        (HOT_TASKS * HOT_ROUNDS) as u64,
+        "every hot-key request ends in a grant, a timeout or being dropped"
+    );
+    let manager = &run.shared.manager;
+    let snapshot = manager.snapshot();
+    assert!(snapshot.keys.is_empty(), "locks left over: {snapshot:?}");
+    assert!(
+        snapshot.is_empty(),
+        "waits-for edges left over: {snapshot:?}"
+    );
+    assert_eq!(manager.session_count(), 0, "sessions left open");
+    for (k, counters) in run.shared.keys.iter().enumerate() {
+        assert_eq!(counters.readers.load(SeqCst), 0, "readers left on key {k}");
+        assert_eq!(counters.writers.load(SeqCst), 0, "writers left on key {k}");
+    }
+    for (name, counter) in [
+        (
+            "exclusive grants of the hot key",
+            &stats.hot_exclusive_grants,
+        ),
+        ("shared grants of the hot key", &stats.hot_shared_grants),
+        (
+            "grants of the hot key with a cold one",
+            &stats.hot_and_cold_grants,
+        ),
+        ("try-lock timeouts", &stats.try_lock_timeouts),
+        ("wait timeouts", &stats.wait_timeouts),
+        ("requests dropped by a timeout", &stats.abandoned_by_timeout),
+        ("requests dropped by a select", &stats.abandoned_by_select),
+    ] {
+        assert!(
+            count(counter) > 0,
+            "no {name} happened: the run proves little"
+        );
+    }
+    assert!(
+        stats.most_hot_readers.load(SeqCst) >= 2,
+        "no two readers ever held the hot key together: the run proves little"
+    );
 }
