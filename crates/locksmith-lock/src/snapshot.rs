@@ -11,7 +11,8 @@ use crate::types::{FencingToken, Key, LockMode, SessionId};
 pub struct Snapshot {
     /// Every key that has a holder or a waiter, sorted by key.
     pub keys: Vec<KeySnapshot>,
-    /// Every waits-for edge `(waiter, waited_for)`, sorted.
+    /// Every waits-for edge `(waiter, waited_for)` of rule 5, sorted. The table does not store
+    /// them: they are derived from the holders and queues when the snapshot is taken.
     pub waits_for: Vec<(SessionId, SessionId)>,
 }
 

@@ -609,20 +609,20 @@ impl LockTable {
     /// edges: a shared waiter does not wait for a shared holder directly but through the first
     /// waiter of the key, which is then listed between them.
     fn describe_cycle(&self, hops: &[SessionSlot]) -> Vec<CycleMember> {
-        let mut members: Vec<SessionSlot> = Vec::with_capacity(hops.len() + 1);
+        let mut walk: Vec<SessionSlot> = Vec::with_capacity(hops.len() + 1);
+        let mut went_through = false;
         for (i, &from) in hops.iter().enumerate() {
-            if !push_member(&mut members, from) {
-                break;
-            }
-            let to = hops[(i + 1) % hops.len()];
-            if let Some(between) = self.waits_through(from, to) {
-                if !push_member(&mut members, between) {
-                    break;
-                }
+            walk.push(from);
+            if let Some(between) = self.waits_through(from, to_of(hops, i)) {
+                walk.push(between);
+                went_through = true;
             }
         }
-        members
-            .into_iter()
+        // Only a waiter listed between two hops can already be in the walk.
+        if went_through {
+            walk = simple_cycle(walk);
+        }
+        walk.into_iter()
             .filter_map(|s| {
                 let key = self.waiting_key_slot(s)?;
                 Some(self.member(s, key))
@@ -909,20 +909,32 @@ impl LockTable {
 #[cfg(test)]
 mod tests;
 
-/// Appends `session` to a cycle being built, cutting the loop if it is already in it (so the
-/// cycle stays simple). Returns false once the cycle has come back to its first member.
-fn push_member(members: &mut Vec<SessionSlot>, session: SessionSlot) -> bool {
-    match members.iter().position(|&s| s == session) {
-        Some(0) => false,
-        Some(index) => {
-            members.truncate(index + 1);
-            true
-        }
-        None => {
-            members.push(session);
-            true
+/// The hop after hop `i` of a cycle (the last one goes back to the first).
+fn to_of(hops: &[SessionSlot], i: usize) -> SessionSlot {
+    hops[(i + 1) % hops.len()]
+}
+
+/// A closed walk made simple: where a session comes back, the loop since its first visit is cut
+/// (what followed the repeat still waits for the one after it); where the first session comes
+/// back, the cycle ends there.
+fn simple_cycle(walk: Vec<SessionSlot>) -> Vec<SessionSlot> {
+    let mut members: Vec<SessionSlot> = Vec::with_capacity(walk.len());
+    let mut position: FastMap<SessionSlot, usize> = FastMap::default();
+    for session in walk {
+        match position.get(&session) {
+            Some(0) => break,
+            Some(&index) => {
+                for cut in members.drain(index + 1..) {
+                    position.remove(&cut);
+                }
+            }
+            None => {
+                position.insert(session, members.len());
+                members.push(session);
+            }
         }
     }
+    members
 }
 
 /// Rule 5's edges of one key: each waiter waits for every other holder whose mode conflicts with

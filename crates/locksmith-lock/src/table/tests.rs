@@ -324,3 +324,12 @@ fn a_session_id_already_open_is_refused() {
     ));
     assert_eq!(table.session_count(), 1);
 }
+
+#[test]
+fn a_cycle_through_a_waiter_met_twice_is_cut_to_a_simple_cycle() {
+    // The walk 0 -> 1 -> 2 -> 3 -> 1 -> 4 (-> 0) meets 1 twice: the loop 1 -> 2 -> 3 -> 1 goes.
+    assert_eq!(simple_cycle(vec![0, 1, 2, 3, 1, 4]), vec![0, 1, 4]);
+    // A walk that comes back to its start early ends there.
+    assert_eq!(simple_cycle(vec![0, 1, 0, 2]), vec![0, 1]);
+    assert_eq!(simple_cycle(vec![5, 6, 7]), vec![5, 6, 7]);
+}
