@@ -31,11 +31,11 @@
 //!
 //! At the end every session is closed and the snapshot must be empty.
 //!
-//! The model replicates the order in which the table continues requests granted by somebody
-//! else's call, because that order decides which member of a new cycle is the victim: keys are
-//! re-examined last-marked first (the table's `dirty` stack), each key grants its queue head first,
-//! and granted requests continue in the order they were granted (the table's `ready` queue). If
-//! `LockTable::settle` changes that order, [`Model::settle`] must follow.
+//! The model follows rule 4b of `docs/semantics.md`, the order of a call's effects, because that
+//! order decides which member of a new cycle is the victim: keys are re-examined in the order the
+//! call changed them (a FIFO list), each key grants its queue head first, and granted requests
+//! continue one at a time in the order they were granted (a FIFO list). The model implements the
+//! rule as written, not the table's internals.
 //!
 //! Failures are persisted in `proptest-regressions/lock_model.txt`; every shrunk failure also
 //! becomes a named test at the end of this file. `PROPTEST_CASES` sets the number of cases (default 1024).
@@ -248,7 +248,7 @@ struct Model {
     /// Model time in ms.
     now: u64,
     last_token: Tok,
-    /// Keys to re-examine, last pushed first (as the table does).
+    /// Keys to re-examine, in the order they changed (rule 4b).
     dirty: VecDeque<K>,
     /// Sessions granted their key by another call, to continue in this order.
     ready: VecDeque<S>,
