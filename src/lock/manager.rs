@@ -223,8 +223,13 @@ impl LockManager {
     }
 
     /// A consistent picture of every held or awaited key and of the waits-for edges.
+    ///
+    /// Only the holders and queues are copied under the lock; the waits-for edges (O(q²) for q
+    /// exclusive waiters on one key) are derived after releasing it, so a snapshot never holds up
+    /// other keys for longer than copying the queues takes.
     pub fn snapshot(&self) -> Snapshot {
-        self.lock().table.snapshot()
+        let keys = self.lock().table.keys_snapshot();
+        Snapshot::from_keys(keys)
     }
 
     /// Runs `f` on the table under the lock, then wakes the requests it concluded.

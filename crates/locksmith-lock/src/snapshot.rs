@@ -17,6 +17,18 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
+    /// The snapshot of these keys (sorted by key), with the waits-for edges of rule 5 derived
+    /// from their holders and queues: each waiter waits for every other holder whose mode
+    /// conflicts with its request and for every other waiter ahead of it whose request conflicts
+    /// with it. O(edges).
+    pub fn from_keys(keys: Vec<KeySnapshot>) -> Self {
+        let mut waits_for: Vec<(SessionId, SessionId)> =
+            keys.iter().flat_map(|k| k.rule5_edges()).collect();
+        waits_for.sort_unstable();
+        waits_for.dedup();
+        Snapshot { keys, waits_for }
+    }
+
     /// True when no key is held or awaited.
     pub fn is_empty(&self) -> bool {
         self.keys.is_empty() && self.waits_for.is_empty()
@@ -37,6 +49,30 @@ pub struct KeySnapshot {
     pub holders: Vec<HolderSnapshot>,
     /// The sessions waiting for it, head first.
     pub queue: Vec<WaiterSnapshot>,
+}
+
+impl KeySnapshot {
+    /// Rule 5's edges of this key's waiters.
+    fn rule5_edges(&self) -> impl Iterator<Item = (SessionId, SessionId)> + '_ {
+        self.queue
+            .iter()
+            .enumerate()
+            .flat_map(move |(position, waiter)| {
+                let conflicts = move |session: SessionId, mode: LockMode| {
+                    session != waiter.session && !waiter.mode.is_compatible_with(mode)
+                };
+                let holders = self
+                    .holders
+                    .iter()
+                    .filter(move |h| conflicts(h.session, h.mode))
+                    .map(move |h| (waiter.session, h.session));
+                let ahead = self.queue[..position]
+                    .iter()
+                    .filter(move |w| conflicts(w.session, w.mode))
+                    .map(move |w| (waiter.session, w.session));
+                holders.chain(ahead)
+            })
+    }
 }
 
 /// A session holding a key.

@@ -405,22 +405,24 @@ impl LockTable {
 
     /// A consistent picture of every held or awaited key and of the waits-for edges of rule 5.
     ///
-    /// The edges are derived from the queues here, so a snapshot costs O(edges): q exclusive
-    /// waiters on one key wait for q(q-1)/2 others. It is a diagnostic; nothing else pays it.
+    /// The edges are derived from the queues ([`Snapshot::from_keys`]), so a snapshot costs
+    /// O(edges): q exclusive waiters on one key wait for q(q-1)/2 others. It is a diagnostic;
+    /// nothing else pays it. A caller holding a lock around the table should take
+    /// [`LockTable::keys_snapshot`] under it and derive the edges after releasing it.
     pub fn snapshot(&self) -> Snapshot {
+        Snapshot::from_keys(self.keys_snapshot())
+    }
+
+    /// Every held or awaited key with its holders and queue, sorted by key, without the edges:
+    /// O(holders + queue entries).
+    pub fn keys_snapshot(&self) -> Vec<KeySnapshot> {
         let mut keys: Vec<KeySnapshot> = self
             .keys
             .iter()
             .map(|(_, state)| self.key_snapshot_of(state))
             .collect();
         keys.sort_unstable_by(|a, b| a.key.cmp(&b.key));
-        let mut waits_for: Vec<(SessionId, SessionId)> = keys
-            .iter()
-            .flat_map(|k| rule5_edges(&k.holders, &k.queue))
-            .collect();
-        waits_for.sort_unstable();
-        waits_for.dedup();
-        Snapshot { keys, waits_for }
+        keys
     }
 
     /// The holders and queue of one key (`None` if nobody holds or awaits it): O(holders +
@@ -935,31 +937,4 @@ fn simple_cycle(walk: Vec<SessionSlot>) -> Vec<SessionSlot> {
         }
     }
     members
-}
-
-/// Rule 5's edges of one key: each waiter waits for every other holder whose mode conflicts with
-/// its request and for every other waiter ahead of it whose request conflicts with it.
-fn rule5_edges(
-    holders: &[HolderSnapshot],
-    queue: &[WaiterSnapshot],
-) -> Vec<(SessionId, SessionId)> {
-    let mut edges = Vec::new();
-    for (position, waiter) in queue.iter().enumerate() {
-        let conflicts = |session: SessionId, mode: LockMode| {
-            session != waiter.session && !waiter.mode.is_compatible_with(mode)
-        };
-        edges.extend(
-            holders
-                .iter()
-                .filter(|h| conflicts(h.session, h.mode))
-                .map(|h| (waiter.session, h.session)),
-        );
-        edges.extend(
-            queue[..position]
-                .iter()
-                .filter(|w| conflicts(w.session, w.mode))
-                .map(|w| (waiter.session, w.session)),
-        );
-    }
-    edges
 }
