@@ -286,6 +286,8 @@ impl PendingRequest<'_> {
             match outcome {
                 Some(outcome) => {
                     self.armed = false;
+                    // At a deadline the waker was never sent: drop it with the request.
+                    state.wakers.remove(&self.session);
                     let wakers = state.wakers_of(effects);
                     drop(state);
                     wakers.wake();
@@ -339,5 +341,31 @@ impl Session {
 impl Drop for Session {
     fn drop(&mut self) {
         self.manager.close_session(self.id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_request_that_times_out_leaves_no_waker_behind() {
+        // A: X(k1); B: X(k1) with a 10 ms deadline: B times out. Its waker was never sent (no call
+        // concluded B's request), and it must not stay in the map for the life of the process.
+        let manager = LockManager::new(LockManagerConfig::default());
+        let (a, b) = (manager.open_session(), manager.open_session());
+        let k1 = [Key::from("k1")];
+        manager
+            .acquire(&a, &k1, LockMode::Exclusive, None)
+            .await
+            .expect("k1 is free");
+        let deadline = Instant::now() + Duration::from_millis(10);
+        let waited = manager
+            .acquire(&b, &k1, LockMode::Exclusive, Some(deadline))
+            .await;
+        assert_eq!(waited, Err(LockError::Timeout { key: k1[0].clone() }));
+        assert!(manager.lock().wakers.is_empty());
     }
 }

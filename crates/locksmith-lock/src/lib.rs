@@ -38,6 +38,8 @@ pub use types::{FencingToken, Grant, Key, LockMode, SessionId, Taken};
 /// uncontended acquire+release was hashing). Its seed is random per process, so keys chosen by
 /// clients cannot be crafted to collide; iteration order never decides anything in the table.
 type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+/// The hash sets of the lock table, hashed like [`FastMap`].
+type FastSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
 
 /// Index of an open session in the table's session slab.
 type SessionSlot = usize;

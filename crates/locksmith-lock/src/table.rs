@@ -8,7 +8,7 @@
 //! **Progress inside the table.** When a call frees a key, the key's queue is re-examined and the
 //! waiters at its head that can now have it are granted. A granted request goes on with its next
 //! keys right away, inside the same call, so a request only ever waits on one key and all progress
-//! is decided here. The order is a rule (rule 4 of `docs/semantics.md`): keys are re-examined in
+//! is decided here. The order is a rule (rule 4b of `docs/semantics.md`): keys are re-examined in
 //! the order the call changed them, and granted requests continue one at a time in the order they
 //! were granted, every key changed meanwhile being re-examined before the next one continues.
 //!
@@ -27,13 +27,16 @@ use std::mem;
 use slab::Slab;
 
 use crate::error::{CycleMember, LockError};
-use crate::key_state::{Attempt, KeyState, Waiter};
+use crate::key_state::{Attempt, Holder, KeyState, Waiter};
 use crate::now::Now;
 use crate::request::{Phase, Request};
 use crate::snapshot::{HolderSnapshot, KeySnapshot, Snapshot, WaiterSnapshot};
 use crate::types::{FencingToken, Grant, Key, LockMode, SessionId, Taken};
 use crate::waits_for::{CycleSearch, WaitGraph};
-use crate::{FastMap, KeySlot, SessionSlot, WaiterSlot};
+use crate::{FastMap, FastSet, KeySlot, SessionSlot, WaiterSlot};
+
+/// Largest number of held keys `may_be_waited_for` looks at before it searches anyway.
+const PRECHECK_KEYS: usize = 16;
 
 /// What a call to [`LockTable::acquire`] did.
 #[derive(Debug, PartialEq, Eq)]
@@ -60,8 +63,9 @@ pub struct Effects {
 struct SessionState {
     /// The caller's id for it.
     id: SessionId,
-    /// Every key the session holds (its mode and token are in the key's holders).
-    held: Vec<KeySlot>,
+    /// Every key the session holds (its mode and token are in the key's holders). A set, so a
+    /// session holding many keys gives each back in O(1).
+    held: FastSet<KeySlot>,
     /// The request in flight, if any: at most one per session.
     request: Option<Request>,
 }
@@ -153,7 +157,7 @@ impl LockTable {
         }
         let slot = self.sessions.insert(SessionState {
             id,
-            held: Vec::new(),
+            held: FastSet::default(),
             request: None,
         });
         self.session_index.insert(id, slot);
@@ -325,7 +329,15 @@ impl LockTable {
         now: impl Into<Now>,
     ) -> (Result<(), LockError>, Effects) {
         if taken.is_empty() {
-            let result = self.slot(id).map(|_| ()).ok_or(LockError::SessionClosed);
+            // Nothing to give back; the same answers as `release` for a closed session or one
+            // with a request in flight.
+            let result = match self.slot(id) {
+                None => Err(LockError::SessionClosed),
+                Some(slot) if self.sessions[slot].request.is_some() => Err(LockError::invalid(
+                    "cannot give back while a request of this session is in progress",
+                )),
+                Some(_) => Ok(()),
+            };
             return (result, Effects::default());
         }
         let named: Vec<Key> = taken
@@ -533,7 +545,7 @@ impl LockTable {
             match attempt {
                 Attempt::AlreadyHeld(token) => request.took_held(key, token),
                 Attempt::Acquired(token) => {
-                    state.held.push(key_slot);
+                    state.held.insert(key_slot);
                     request.took_acquired(key, token);
                 }
                 Attempt::Upgraded { token, old } => request.took_upgraded(key, token, old),
@@ -595,12 +607,18 @@ impl LockTable {
 
     /// Could anybody be waiting for session `slot`? Only a waiter on a key it holds (behind it,
     /// for the key it converts on). A session with no such waiter cannot close a cycle by waiting.
+    /// Looks at no more than [`PRECHECK_KEYS`] keys: a session holding more is simply searched
+    /// (the search's cost does not depend on how many keys the requester holds).
     fn may_be_waited_for(&self, slot: SessionSlot) -> bool {
-        let own_entry = match self.sessions[slot].request.as_ref().map(|r| &r.phase) {
+        let session = &self.sessions[slot];
+        if session.held.len() > PRECHECK_KEYS {
+            return true;
+        }
+        let own_entry = match session.request.as_ref().map(|r| &r.phase) {
             Some(Phase::Waiting { waiter, .. }) => Some(*waiter),
             _ => None,
         };
-        self.sessions[slot].held.iter().any(|&k| {
+        session.held.iter().any(|&k| {
             self.keys
                 .get(k)
                 .is_some_and(|state| state.has_waiters_besides(own_entry))
@@ -727,14 +745,14 @@ impl LockTable {
             let Some(waiter) = state.dequeue(&mut self.waiters, first) else {
                 break;
             };
-            self.last_token += 1;
-            let token = FencingToken(self.last_token);
             let Some(session) = self.sessions.get_mut(waiter.session) else {
                 continue;
             };
             let Some(request) = session.request.as_mut() else {
                 continue;
             };
+            self.last_token += 1;
+            let token = FencingToken(self.last_token);
             if waiter.conversion {
                 if let Some(holder) = state.holder_mut(waiter.session) {
                     let old = mem::replace(&mut holder.token, token);
@@ -742,12 +760,12 @@ impl LockTable {
                     request.took_upgraded(state.name.clone(), token, old);
                 }
             } else {
-                state.holders.push(crate::key_state::Holder {
+                state.holders.push(Holder {
                     session: waiter.session,
                     mode: waiter.mode,
                     token,
                 });
-                session.held.push(key);
+                session.held.insert(key);
                 request.took_acquired(state.name.clone(), token);
             }
             self.ready.push_back(waiter.session);
@@ -790,9 +808,7 @@ impl LockTable {
             state.remove_holder(slot);
         }
         if let Some(session) = self.sessions.get_mut(slot) {
-            if let Some(index) = session.held.iter().position(|&k| k == key) {
-                session.held.swap_remove(index);
-            }
+            session.held.remove(&key);
         }
         self.mark_dirty(key);
     }
@@ -918,7 +934,9 @@ fn to_of(hops: &[SessionSlot], i: usize) -> SessionSlot {
 
 /// A closed walk made simple: where a session comes back, the loop since its first visit is cut
 /// (what followed the repeat still waits for the one after it); where the first session comes
-/// back, the cycle ends there.
+/// back, the cycle ends there. Defensive: the search expands each key once, so the waiters
+/// listed between hops are distinct and never hops themselves, and the walk is already simple;
+/// this keeps the error a simple cycle even if that reasoning is ever broken.
 fn simple_cycle(walk: Vec<SessionSlot>) -> Vec<SessionSlot> {
     let mut members: Vec<SessionSlot> = Vec::with_capacity(walk.len());
     let mut position: FastMap<SessionSlot, usize> = FastMap::default();

@@ -11,7 +11,8 @@
 //! given the table's invariant that the first waiter of every queue cannot be granted:
 //! - A waiter's rule-5 edges all point into its own key: to holders of `k` or to waiters of `k`.
 //!   Waiters of `k` point only into `k` too, so a path from `w` leaves `k` only through a holder.
-//! - From `w`, rule 5 reaches every holder of `k` but `w` itself: directly if `w` asks exclusive or
+//! - From `w`, rule 5 reaches every holder of `k` but `w` itself (and some waiters of `k`, which
+//!   lead nowhere else): directly if `w` asks exclusive or
 //!   a holder holds exclusive; otherwise every holder is shared and `w` is a shared waiter that
 //!   could not be granted, so the first waiter of `k` is a conversion or an exclusive request
 //!   queued ahead of `w`, and that one conflicts with `w` and with every holder.
@@ -24,6 +25,10 @@
 //! nothing is cleared between searches). No queue is ever scanned. The table turns the cycle it
 //! finds back into rule-5 edges for the error message (a hop from a shared waiter to a shared
 //! holder goes through the first waiter of the key).
+//!
+//! The invariant this needs holds at every search, also inside a call: the table re-examines every
+//! key a call changed (granting what can be granted) before any request goes on to wait, and
+//! taking a key at once or joining a queue cannot make a first waiter grantable.
 //!
 //! Invariant kept by the table: outside a call, there is no cycle. A cycle can only be closed
 //! when a session starts to wait, so the table searches from that session before letting it wait

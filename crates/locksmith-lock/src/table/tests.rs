@@ -333,3 +333,41 @@ fn a_cycle_through_a_waiter_met_twice_is_cut_to_a_simple_cycle() {
     assert_eq!(simple_cycle(vec![0, 1, 0, 2]), vec![0, 1]);
     assert_eq!(simple_cycle(vec![5, 6, 7]), vec![5, 6, 7]);
 }
+
+#[test]
+fn a_failed_request_frees_the_key_it_waited_on_before_the_keys_it_took() {
+    // H: S(k5)   B: X(k6)   C: X(k7)
+    // A: X(k1, k5) takes k1, waits on k5 (for H)
+    // B: S(k5, k7) waits on k5 behind A      C: X(k1, k6) waits on k1 (for A)
+    // A's deadline passes: its rollback frees k5 (the key it waited on) first, then k1 (the key
+    // it took), although k1 comes first in key order. So B is granted S(k5) and continues first
+    // (it waits on k7, held by C, which is not waiting yet); then C is granted k1, continues to
+    // k6, held by B, which waits for C: C is the victim. In key order it would have been B.
+    let (mut table, ids) = table_with(4);
+    let (h, a, b, c) = (ids[0], ids[1], ids[2], ids[3]);
+    let start = Instant::now();
+    granted(&mut table, h, &["k5"], S);
+    granted(&mut table, b, &["k6"], X);
+    granted(&mut table, c, &["k7"], X);
+    let (acquired, _) = table.acquire(a, &keys(&["k1", "k5"]), X, at(start, 1), true);
+    assert_eq!(acquired, Ok(Acquired::Waiting));
+    waits(&mut table, b, &["k5", "k7"], S);
+    waits(&mut table, c, &["k1", "k6"], X);
+    let (expired, effects) = table.expire(a, at(start, 20));
+    assert_eq!(
+        expired,
+        Err(LockError::Timeout {
+            key: Key::from("k5")
+        })
+    );
+    assert_eq!(effects.concluded, vec![c]);
+    assert_eq!(
+        table.take_outcome(c),
+        Some(Err(LockError::Deadlock {
+            cycle: vec![member(c, "k6"), member(b, "k7")]
+        }))
+    );
+    assert_eq!(holders_of(&table, "k5"), vec![(h, S), (b, S)]);
+    assert_eq!(queue_of(&table, "k7"), vec![(b, S)]);
+    assert_eq!(holders_of(&table, "k1"), vec![]);
+}
