@@ -95,6 +95,8 @@ pub struct LockTable {
     dirty: VecDeque<KeySlot>,
     /// Sessions granted the key they waited for, to continue their request, in grant order.
     ready: VecDeque<SessionSlot>,
+    /// Reused list of the keys a release or downgrade changes (see `held_by`).
+    held_scratch: Vec<KeySlot>,
 }
 
 /// The table as the deadlock search sees it.
@@ -138,6 +140,7 @@ impl LockTable {
             effects: Effects::default(),
             dirty: VecDeque::new(),
             ready: VecDeque::new(),
+            held_scratch: Vec::new(),
         }
     }
 
@@ -307,10 +310,12 @@ impl LockTable {
         mut now: Now,
         change: fn(&mut Self, SessionSlot, KeySlot),
     ) -> (Result<(), LockError>, Effects) {
-        let result = self.held_by(id, keys).map(|(slot, held)| {
-            for key in held {
+        let result = self.held_by(id, keys).map(|slot| {
+            let held = mem::take(&mut self.held_scratch);
+            for &key in &held {
                 change(self, slot, key);
             }
+            self.held_scratch = held;
         });
         (result, self.finish_call(&mut now))
     }
@@ -346,7 +351,7 @@ impl LockTable {
             .chain(&taken.upgraded)
             .cloned()
             .collect();
-        let result = self.held_by(id, &named).map(|(slot, _)| {
+        let result = self.held_by(id, &named).map(|slot| {
             for key in &taken.acquired {
                 if let Some(&key) = self.key_index.get(key) {
                     self.remove_holder(slot, key);
@@ -862,13 +867,10 @@ impl LockTable {
         }
     }
 
-    /// Checks that session `id` may change its locks on `keys` now and holds every one of them;
-    /// returns the session and the keys, sorted and deduplicated.
-    fn held_by(
-        &self,
-        id: SessionId,
-        keys: &[Key],
-    ) -> Result<(SessionSlot, Vec<KeySlot>), LockError> {
+    /// Checks that session `id` may change its locks on `keys` now and holds every one of them.
+    /// Returns the session, and leaves the keys' slots (in key order, deduplicated) in
+    /// `held_scratch`, so the common one-key release allocates nothing.
+    fn held_by(&mut self, id: SessionId, keys: &[Key]) -> Result<SessionSlot, LockError> {
         let slot = self.slot(id).ok_or(LockError::SessionClosed)?;
         if keys.is_empty() {
             return Err(LockError::invalid(
@@ -880,21 +882,28 @@ impl LockTable {
                 "cannot release or downgrade while a request of this session is in progress",
             ));
         }
-        let mut sorted = keys.to_vec();
-        sorted.sort_unstable();
-        sorted.dedup();
-        let mut held = Vec::with_capacity(sorted.len());
+        let copy;
+        let sorted: &[Key] = if keys.windows(2).all(|pair| pair[0] < pair[1]) {
+            keys
+        } else {
+            let mut sorted = keys.to_vec();
+            sorted.sort_unstable();
+            sorted.dedup();
+            copy = sorted;
+            &copy
+        };
+        self.held_scratch.clear();
         let mut not_held = Vec::new();
         for key in sorted {
-            match self.key_index.get(&key) {
-                Some(&k) if self.keys[k].holder(slot).is_some() => held.push(k),
-                _ => not_held.push(key),
+            match self.key_index.get(key) {
+                Some(&k) if self.keys[k].holder(slot).is_some() => self.held_scratch.push(k),
+                _ => not_held.push(key.clone()),
             }
         }
         if !not_held.is_empty() {
             return Err(LockError::NotHeld { keys: not_held });
         }
-        Ok((slot, held))
+        Ok(slot)
     }
 
     /// The key session `slot` waits on, if it waits.
