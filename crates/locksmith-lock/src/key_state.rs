@@ -161,7 +161,13 @@ impl KeyState {
         if waiter.conversion {
             return self.holders.len() == 1 && self.holders[0].session == waiter.session;
         }
-        match waiter.mode {
+        self.holders_admit(waiter.mode)
+    }
+
+    /// Is `mode` compatible with every holder (the holders being pairwise compatible, that is:
+    /// shared beside no exclusive holder, exclusive beside nobody)?
+    fn holders_admit(&self, mode: LockMode) -> bool {
+        match mode {
             LockMode::Shared => !self.held_exclusive(),
             LockMode::Exclusive => self.holders.is_empty(),
         }
@@ -191,11 +197,7 @@ impl KeyState {
             held.mode = mode;
             return Attempt::Upgraded { token, old };
         }
-        let free = !self.has_waiters()
-            && match mode {
-                LockMode::Shared => !self.held_exclusive(),
-                LockMode::Exclusive => self.holders.is_empty(),
-            };
+        let free = !self.has_waiters() && self.holders_admit(mode);
         if !free {
             return Attempt::MustWait { conversion: false };
         }
