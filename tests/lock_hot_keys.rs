@@ -57,7 +57,7 @@ use locksmith::lock::{
 use proptest::collection::vec;
 use proptest::prelude::*;
 use proptest::strategy::ValueTree;
-use proptest::test_runner::{FileFailurePersistence, RngAlgorithm, TestRng, TestRunner};
+use proptest::test_runner::FileFailurePersistence;
 
 use LockMode::{Exclusive, Shared};
 
@@ -1711,20 +1711,13 @@ fn check_cycle_at_search(
 
 // ----- the tests ------------------------------------------------------------------------------
 
-fn cases() -> u32 {
-    std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(DEFAULT_CASES)
-}
-
 /// A case takes about a quarter of a second, so shrinking a failure of up to 1500 operations is
 /// bounded by time (two minutes) rather than by proptest's automatic 4 × cases iterations;
 /// `PROPTEST_MAX_SHRINK_TIME` and `PROPTEST_MAX_SHRINK_ITERS` still override both.
 fn config() -> ProptestConfig {
     let defaults = ProptestConfig::default();
     ProptestConfig {
-        cases: cases(),
+        cases: common::proptest_cases(DEFAULT_CASES),
         failure_persistence: Some(Box::new(FileFailurePersistence::Direct(concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/proptest-regressions/lock_hot_keys.txt"
@@ -1754,10 +1747,7 @@ proptest! {
 /// waiters on a hot key and reach every kind of outcome the property test checks.
 #[test]
 fn generated_cases_build_long_hot_queues_and_reach_every_outcome() {
-    let mut runner = TestRunner::new_with_rng(
-        ProptestConfig::default(),
-        TestRng::deterministic_rng(RngAlgorithm::ChaCha),
-    );
+    let mut runner = common::deterministic_runner();
     let strategy = case_strategy();
     let mut all = Vec::new();
     for _ in 0..4 {

@@ -40,6 +40,8 @@
 //! Failures are persisted in `proptest-regressions/lock_model.txt`; every shrunk failure also
 //! becomes a named test at the end of this file. `PROPTEST_CASES` sets the number of cases (default 1024).
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::future::Future;
 use std::mem;
@@ -54,7 +56,7 @@ use locksmith::lock::{
 use proptest::collection::vec;
 use proptest::prelude::*;
 use proptest::strategy::ValueTree;
-use proptest::test_runner::{FileFailurePersistence, RngAlgorithm, TestRng, TestRunner};
+use proptest::test_runner::FileFailurePersistence;
 
 /// Number of keys the sessions fight over.
 const KEYS: usize = 4;
@@ -1728,16 +1730,9 @@ fn run_on_manager(sessions: usize, ops: &[Op]) -> Coverage {
     Harness::new(ManagerSystem::new(&manager, &sessions), sessions.len()).run(ops)
 }
 
-fn cases() -> u32 {
-    std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1024)
-}
-
 fn config() -> ProptestConfig {
     ProptestConfig {
-        cases: cases(),
+        cases: common::proptest_cases(1024),
         failure_persistence: Some(Box::new(FileFailurePersistence::Direct(concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/proptest-regressions/lock_model.txt"
@@ -1765,10 +1760,7 @@ proptest! {
 /// timeouts, cancellation of waiting and of just-granted requests, waiting upgrades, ...).
 #[test]
 fn generated_cases_reach_every_kind_of_outcome() {
-    let mut runner = TestRunner::new_with_rng(
-        ProptestConfig::default(),
-        TestRng::deterministic_rng(RngAlgorithm::ChaCha),
-    );
+    let mut runner = common::deterministic_runner();
     let strategy = case_strategy();
     let mut table = Coverage::new();
     let mut manager = Coverage::new();

@@ -94,3 +94,21 @@ pub fn idle_waiters(snapshot: &Snapshot) -> Vec<(SessionId, Key)> {
         .filter(|(session, _)| !snapshot.waits_for.iter().any(|(from, _)| from == session))
         .collect()
 }
+
+/// The number of cases a property test runs: `PROPTEST_CASES` if set, else `default`.
+pub fn proptest_cases(default: u32) -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// A proptest runner with a fixed seed, to generate the same cases on every run (the coverage
+/// tests that check generated cases are not vacuous).
+pub fn deterministic_runner() -> proptest::test_runner::TestRunner {
+    use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
+    TestRunner::new_with_rng(
+        Config::default(),
+        TestRng::deterministic_rng(RngAlgorithm::ChaCha),
+    )
+}

@@ -117,14 +117,10 @@ impl KeyState {
         self.holders.iter_mut().find(|h| h.session == session)
     }
 
-    /// Removes `session` from the holders; false if it did not hold the key.
-    pub fn remove_holder(&mut self, session: SessionSlot) -> bool {
-        match self.holders.iter().position(|h| h.session == session) {
-            Some(index) => {
-                self.holders.remove(index);
-                true
-            }
-            None => false,
+    /// Removes `session` from the holders (nothing if it does not hold the key).
+    pub fn remove_holder(&mut self, session: SessionSlot) {
+        if let Some(index) = self.holders.iter().position(|h| h.session == session) {
+            self.holders.remove(index);
         }
     }
 
