@@ -1,0 +1,454 @@
+//! A typed async client for Locksmith's WebSocket protocol.
+//!
+//! One [`Client`] is one connection, and so one session: its locks are released when it is
+//! closed or dropped, or when the connection breaks. Calls take `&self` and may run concurrently
+//! on one client (their requests are pipelined and each answer is matched to its call by `id`),
+//! but the server carries out one request of a session at a time, in order.
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+//! # let server = locksmith::server::start(vec![listener], Default::default(),
+//! #     std::sync::Arc::new(locksmith::store::MemoryStore::new()))?;
+//! # let url = format!("ws://{}/ws", server.local_addrs()[0]);
+//! use locksmith::client::Client;
+//! use locksmith::lock::LockMode;
+//! use serde_json::json;
+//!
+//! let client = Client::builder(&url).name("nightly-report").connect().await?;
+//! // Take two keys exclusively (sorted, all-or-nothing); every key gets a fencing token.
+//! let grant = client.lock(&["invoice/7", "ledger"], LockMode::Exclusive, None).await?;
+//! assert!(grant.tokens["ledger"] > 0);
+//! // Write under the locks we hold, keeping them (`hold_lock`), then read back.
+//! client.write(&[("ledger", json!({"balance": 12}))], true).await?;
+//! assert_eq!(client.read(&["ledger"], true).await?["ledger"], json!({"balance": 12}));
+//! client.unlock(&["invoice/7", "ledger"]).await?;
+//! client.close().await;
+//! # server.shutdown().await;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! Errors mirror the server's codes ([`ClientError::code`]); a deadlock carries its cycle:
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+//! # let server = locksmith::server::start(vec![listener], Default::default(),
+//! #     std::sync::Arc::new(locksmith::store::MemoryStore::new()))?;
+//! # let url = format!("ws://{}/ws", server.local_addrs()[0]);
+//! use std::time::Duration;
+//! use locksmith::client::{Client, ClientError};
+//! use locksmith::lock::LockMode::Exclusive;
+//!
+//! let (a, b) = (Client::connect(&url).await?, Client::connect(&url).await?);
+//! a.lock(&["k1"], Exclusive, None).await?;
+//! b.lock(&["k2"], Exclusive, None).await?;
+//! // A zero timeout is a try-lock: answered at once.
+//! let busy = a.lock(&["k2"], Exclusive, Some(Duration::ZERO)).await;
+//! assert!(matches!(busy, Err(ClientError::Timeout { ref key, .. }) if key == "k2"));
+//! // a waits for k2 (held by b) ...
+//! let waiting = tokio::spawn(async move { a.lock(&["k2"], Exclusive, None).await });
+//! # while b.locks(None).await?.waits_for.is_empty() { tokio::task::yield_now().await; }
+//! // ... so b asking for k1 would close a cycle: refused at once, with the cycle.
+//! match b.lock(&["k1"], Exclusive, None).await {
+//!     Err(ClientError::Deadlock { cycle, .. }) => assert_eq!(cycle.len(), 2),
+//!     other => panic!("expected a deadlock, got {other:?}"),
+//! }
+//! b.unlock(&["k2"]).await?;
+//! assert!(waiting.await?.is_ok());
+//! # server.shutdown().await;
+//! # Ok(())
+//! # }
+//! ```
+
+mod answers;
+mod driver;
+mod error;
+
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde_json::{json, Value};
+use tokio::sync::{mpsc, oneshot};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::{HeaderValue, StatusCode};
+use tokio_util::sync::WaitForCancellationFuture;
+
+pub use answers::{
+    Deleted, Grant, Hello, HolderView, KeyView, KeysPage, LockTableView, SessionView, Values,
+    WaiterView, WaitsForEdge,
+};
+pub use error::{ClientError, CycleMember};
+
+use crate::lock::LockMode;
+use driver::{Ending, Order};
+
+/// The URL clients connect to when none is given.
+pub const DEFAULT_URL: &str = "ws://localhost:8008/ws";
+
+/// How often a quiet connection is pinged by default; after three intervals without a word from
+/// the server the connection counts as lost.
+pub const DEFAULT_KEEPALIVE: Duration = Duration::from_secs(5);
+
+/// How to connect: the URL plus the optional token, session name and keepalive.
+#[derive(Clone, Debug)]
+pub struct ClientBuilder {
+    /// `ws://host:port/ws`.
+    url: String,
+    /// Sent as `Authorization: Bearer <token>` when the server requires one.
+    token: Option<String>,
+    /// The session's name, shown in `locks`, `sessions` and deadlock cycles.
+    name: Option<String>,
+    /// Ping interval of a quiet connection (`None`: never ping; a dead server is then noticed
+    /// only when the operating system gives up on the connection).
+    keepalive: Option<Duration>,
+}
+
+impl ClientBuilder {
+    /// The token the server requires (`--token`), or the admin token for admin commands.
+    pub fn token(mut self, token: impl Into<String>) -> Self {
+        self.token = Some(token.into());
+        self
+    }
+
+    /// Names the session.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+
+    /// Sets (or, with `None`, turns off) the keepalive ping interval.
+    pub fn keepalive(mut self, interval: Option<Duration>) -> Self {
+        self.keepalive = interval;
+        self
+    }
+
+    /// Connects and opens the session (`hello`, with the name if one was given).
+    ///
+    /// # Errors
+    /// [`ClientError::Connect`] if the server cannot be reached or the handshake fails,
+    /// [`ClientError::Unauthorized`] if the token is missing or wrong,
+    /// [`ClientError::ServerBusy`] if the server is at its connection limit.
+    pub async fn connect(self) -> Result<Client, ClientError> {
+        let connect_error = |reason: String| ClientError::Connect {
+            url: self.url.clone(),
+            reason,
+        };
+        let mut request = self
+            .url
+            .as_str()
+            .into_client_request()
+            .map_err(|e| connect_error(e.to_string()))?;
+        if let Some(token) = &self.token {
+            let value = HeaderValue::from_str(&format!("Bearer {token}"))
+                .map_err(|_| connect_error("the token is not a valid header value".into()))?;
+            request.headers_mut().insert("authorization", value);
+        }
+        let (socket, _) = match tokio_tungstenite::connect_async(request).await {
+            Ok(connected) => connected,
+            Err(tokio_tungstenite::tungstenite::Error::Http(response))
+                if response.status() == StatusCode::UNAUTHORIZED =>
+            {
+                return Err(ClientError::Unauthorized)
+            }
+            Err(error) => return Err(connect_error(error.to_string())),
+        };
+        let (orders, inbox) = mpsc::unbounded_channel();
+        let ending = Ending::default();
+        tokio::spawn(driver::drive(socket, inbox, ending.clone(), self.keepalive));
+        let mut client = Client {
+            orders,
+            ending,
+            hello: Hello::default(),
+        };
+        client.hello = match client.hello(self.name.as_deref()).await {
+            // A server from before `hello`: the session id is all it can tell, and the session
+            // stays unnamed.
+            Err(ClientError::UnknownCommand(_)) => {
+                let answer = client.request(json!({"command": "session"})).await?;
+                Hello {
+                    session: answer["session"].as_str().unwrap_or_default().to_owned(),
+                    ..Hello::default()
+                }
+            }
+            other => other?,
+        };
+        Ok(client)
+    }
+}
+
+/// One connection to a Locksmith server, and its session. See the module documentation.
+pub struct Client {
+    /// Calls for the driver task, which owns the socket.
+    orders: mpsc::UnboundedSender<Order>,
+    /// Whether and why the connection ended.
+    ending: Ending,
+    /// Who the server says this session is.
+    hello: Hello,
+}
+
+impl Client {
+    /// How to connect to `url`, with options.
+    pub fn builder(url: &str) -> ClientBuilder {
+        ClientBuilder {
+            url: url.to_owned(),
+            token: None,
+            name: None,
+            keepalive: Some(DEFAULT_KEEPALIVE),
+        }
+    }
+
+    /// Connects to `url` with no token and no name.
+    ///
+    /// # Errors
+    /// As [`ClientBuilder::connect`].
+    pub async fn connect(url: &str) -> Result<Client, ClientError> {
+        Client::builder(url).connect().await
+    }
+
+    /// This session's id.
+    pub fn session_id(&self) -> &str {
+        &self.hello.session
+    }
+
+    /// This session's name, if it has one.
+    pub fn name(&self) -> Option<&str> {
+        self.hello.name.as_deref()
+    }
+
+    /// Resolves when the connection has ended (closed by either side, broken, or silent past the
+    /// keepalive), with the reason. From then on every lock of the session is released by the
+    /// server, and every call fails.
+    pub async fn lost(&self) -> ClientError {
+        let ended: WaitForCancellationFuture<'_> = self.ending.ended.cancelled();
+        ended.await;
+        self.ending.error()
+    }
+
+    /// Whether the connection has ended.
+    pub fn is_lost(&self) -> bool {
+        self.ending.ended.is_cancelled()
+    }
+
+    /// Sends any request (a JSON object; its `id` is set by the client) and returns the whole
+    /// answer when it succeeded. The typed methods are built on this.
+    ///
+    /// # Errors
+    /// The error answer as a [`ClientError`], or [`ClientError::ConnectionLost`].
+    pub async fn request(&self, request: Value) -> Result<Value, ClientError> {
+        let Value::Object(request) = request else {
+            return Err(ClientError::BadRequest(
+                "a request must be a JSON object".into(),
+            ));
+        };
+        let (answer, answered) = oneshot::channel();
+        if self.orders.send(Order::Call { request, answer }).is_err() {
+            return Err(self.ending.error());
+        }
+        match answered.await {
+            Ok(result) => result,
+            Err(_) => Err(self.ending.error()),
+        }
+    }
+
+    async fn typed<T: DeserializeOwned>(&self, request: Value) -> Result<T, ClientError> {
+        let answer = self.request(request).await?;
+        serde_json::from_value(answer).map_err(|e| ClientError::UnexpectedAnswer(e.to_string()))
+    }
+
+    /// Takes `keys` in `mode` and keeps them: all of them, in sorted order, or none. Waits at
+    /// most `timeout` (`None`: the server's `--lock-timeout`; zero: a try-lock).
+    ///
+    /// # Errors
+    /// `Deadlock`, `Timeout`, `Cancelled`, `BadRequest`, ... as the server answers.
+    pub async fn lock(
+        &self,
+        keys: &[impl AsRef<str>],
+        mode: LockMode,
+        timeout: Option<Duration>,
+    ) -> Result<Grant, ClientError> {
+        let mut request =
+            json!({"command": "lock", "keys": key_list(keys), "mode": mode_name(mode)});
+        if let Some(timeout) = timeout {
+            request["timeout_ms"] = json!(u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX));
+        }
+        self.typed(request).await
+    }
+
+    /// Releases `keys` (all of them, or none if one is not held).
+    ///
+    /// # Errors
+    /// `NotHeld` naming the keys this session does not hold.
+    pub async fn unlock(&self, keys: &[impl AsRef<str>]) -> Result<(), ClientError> {
+        self.request(json!({"command": "unlock", "keys": key_list(keys)}))
+            .await
+            .map(drop)
+    }
+
+    /// Reads `keys` under shared locks, keeping the locks if `hold_lock`. A key never written
+    /// reads as `null`.
+    ///
+    /// # Errors
+    /// As [`lock`](Self::lock), and `Storage`.
+    pub async fn read(
+        &self,
+        keys: &[impl AsRef<str>],
+        hold_lock: bool,
+    ) -> Result<Values, ClientError> {
+        let answer = self
+            .request(json!({"command": "read", "keys": key_list(keys), "hold_lock": hold_lock}))
+            .await?;
+        serde_json::from_value(answer["values"].clone())
+            .map_err(|e| ClientError::UnexpectedAnswer(e.to_string()))
+    }
+
+    /// Writes every `(key, value)` atomically under exclusive locks, keeping the locks if
+    /// `hold_lock`. Returns the fencing tokens the values were written under.
+    ///
+    /// # Errors
+    /// As [`lock`](Self::lock), and `Storage` (then nothing was written).
+    pub async fn write(
+        &self,
+        entries: &[(impl AsRef<str>, Value)],
+        hold_lock: bool,
+    ) -> Result<Grant, ClientError> {
+        let keys: Vec<&str> = entries.iter().map(|(k, _)| k.as_ref()).collect();
+        let values: Vec<&Value> = entries.iter().map(|(_, v)| v).collect();
+        self.typed(
+            json!({"command": "write", "keys": keys, "values": values, "hold_lock": hold_lock}),
+        )
+        .await
+    }
+
+    /// Deletes `keys` atomically under exclusive locks, keeping the locks if `hold_lock`.
+    ///
+    /// # Errors
+    /// As [`write`](Self::write).
+    pub async fn delete(
+        &self,
+        keys: &[impl AsRef<str>],
+        hold_lock: bool,
+    ) -> Result<Deleted, ClientError> {
+        self.typed(json!({"command": "delete", "keys": key_list(keys), "hold_lock": hold_lock}))
+            .await
+    }
+
+    /// One page of the keys that have a value and start with `prefix`, in byte order, after
+    /// `after`, at most `limit` (`None`: the server's default).
+    ///
+    /// # Errors
+    /// `BadRequest` for a limit over the server's maximum.
+    pub async fn keys(
+        &self,
+        prefix: &str,
+        limit: Option<usize>,
+        after: Option<&str>,
+    ) -> Result<KeysPage, ClientError> {
+        let mut request = json!({"command": "keys", "prefix": prefix});
+        if let Some(limit) = limit {
+            request["limit"] = json!(limit);
+        }
+        if let Some(after) = after {
+            request["after"] = json!(after);
+        }
+        self.typed(request).await
+    }
+
+    /// The lock table: every key held or waited for (only those starting with `prefix`, if one
+    /// is given), and who waits for whom.
+    ///
+    /// # Errors
+    /// [`ClientError::ConnectionLost`] and the like.
+    pub async fn locks(&self, prefix: Option<&str>) -> Result<LockTableView, ClientError> {
+        let mut request = json!({"command": "locks"});
+        if let Some(prefix) = prefix {
+            request["prefix"] = json!(prefix);
+        }
+        self.typed(request).await
+    }
+
+    /// Every open session: name, peer address, connected for, keys held, key waited for.
+    ///
+    /// # Errors
+    /// [`ClientError::ConnectionLost`] and the like.
+    pub async fn sessions(&self) -> Result<Vec<SessionView>, ClientError> {
+        let answer = self.request(json!({"command": "sessions"})).await?;
+        serde_json::from_value(answer["sessions"].clone())
+            .map_err(|e| ClientError::UnexpectedAnswer(e.to_string()))
+    }
+
+    /// Withdraws this session's lock wait, if it has one (that call then fails with
+    /// [`ClientError::Cancelled`]). Returns whether a wait was withdrawn.
+    ///
+    /// # Errors
+    /// [`ClientError::ConnectionLost`] and the like.
+    pub async fn cancel(&self) -> Result<bool, ClientError> {
+        let answer = self.request(json!({"command": "cancel"})).await?;
+        Ok(answer["cancelled"] == Value::Bool(true))
+    }
+
+    /// Ends another session (an admin command: connect with the admin token): its locks are
+    /// released, its waiting request answered `killed`, its connection closed.
+    ///
+    /// # Errors
+    /// `Forbidden` without the admin token, `NotFound` for no such session.
+    pub async fn kill(&self, session: &str) -> Result<(), ClientError> {
+        self.request(json!({"command": "kill", "session": session}))
+            .await
+            .map(drop)
+    }
+
+    /// Checks that the connection is alive and served.
+    ///
+    /// # Errors
+    /// [`ClientError::ConnectionLost`] and the like.
+    pub async fn ping(&self) -> Result<(), ClientError> {
+        self.request(json!({"command": "ping"})).await.map(drop)
+    }
+
+    /// Says hello, naming (or renaming) the session if `name` is given; returns who it is.
+    ///
+    /// # Errors
+    /// `BadRequest` for an invalid name.
+    pub async fn hello(&self, name: Option<&str>) -> Result<Hello, ClientError> {
+        let mut request = json!({"command": "hello"});
+        if let Some(name) = name {
+            request["name"] = json!(name);
+        }
+        self.typed(request).await
+    }
+
+    /// Closes the connection cleanly; the server releases every lock of the session.
+    pub async fn close(self) {
+        let (done, closed) = oneshot::channel();
+        if self.orders.send(Order::Close { done }).is_ok() {
+            let _ = closed.await;
+        }
+    }
+}
+
+fn key_list(keys: &[impl AsRef<str>]) -> Vec<&str> {
+    keys.iter().map(AsRef::as_ref).collect()
+}
+
+/// The wire name of a lock mode.
+pub fn mode_name(mode: LockMode) -> &'static str {
+    match mode {
+        LockMode::Shared => "read",
+        LockMode::Exclusive => "write",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn modes_have_their_wire_names() {
+        assert_eq!(mode_name(LockMode::Shared), "read");
+        assert_eq!(mode_name(LockMode::Exclusive), "write");
+    }
+}
