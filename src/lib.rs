@@ -10,6 +10,8 @@
 //! - [`store`]: where values live, behind the [`store::Store`] trait.
 //! - [`config`]: command-line and environment configuration.
 
+pub mod cli;
+pub mod client;
 pub mod config;
 pub mod connection;
 pub mod lock;

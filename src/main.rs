@@ -1,11 +1,13 @@
-//! The `locksmith` binary: parses the configuration, starts the server, and shuts it down
-//! gracefully on SIGINT or SIGTERM.
+//! The `locksmith` binary. Without a command (or with `serve`) it parses the server's
+//! configuration, starts the server, and shuts it down gracefully on SIGINT or SIGTERM; the other
+//! commands are the command-line client ([`locksmith::cli`]).
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
+use locksmith::cli::{Cli, CliCommand};
 use locksmith::config::Config;
 use locksmith::server::{self, ServerSettings};
 use locksmith::store::{MemoryStore, RedbStore, Store};
@@ -13,7 +15,12 @@ use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let config = Config::parse();
+    let cli = Cli::parse();
+    let config = match cli.command {
+        None => cli.serve,
+        Some(CliCommand::Serve(config)) => config,
+        Some(command) => return locksmith::cli::run(command).await,
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),

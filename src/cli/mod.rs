@@ -1,0 +1,453 @@
+//! The `locksmith` command line: `serve` (the default when no command is given) runs the server;
+//! the other commands are clients of a running server, built on [`crate::client`].
+//!
+//! Output is plain text for people, or JSON with `--json` for scripts. A failure is one line on
+//! stderr, `locksmith: <code>: <sentence>`, and a distinct exit status ([`exit`]).
+
+pub mod exit;
+mod lock_command;
+mod tables;
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use serde_json::Value;
+
+use crate::client::{Client, ClientError, DEFAULT_URL};
+use crate::config::{parse_duration, Config};
+use exit::Failure;
+pub use lock_command::LockArgs;
+
+/// Locksmith: a deadlock-aware lock manager service over WebSocket. Without a command, runs the
+/// server.
+#[derive(Parser, Debug)]
+#[command(version, about, args_conflicts_with_subcommands = true)]
+pub struct Cli {
+    /// What to do; the server when absent.
+    #[command(subcommand)]
+    pub command: Option<CliCommand>,
+    /// The server's flags, when no command is given (`locksmith --listen ...`).
+    #[command(flatten)]
+    pub serve: Config,
+}
+
+/// The commands.
+#[derive(Subcommand, Debug)]
+pub enum CliCommand {
+    /// Run the server (what `locksmith` does without a command).
+    Serve(Config),
+    /// Run a command while holding locks: `locksmith lock KEY... -- CMD [ARGS...]`.
+    Lock(LockArgs),
+    /// Print the values of keys (reads under shared locks, as the `read` command does).
+    Get(GetArgs),
+    /// Set a key's value (under an exclusive lock, as the `write` command does).
+    Set(SetArgs),
+    /// Delete keys (under exclusive locks); prints how many had a value.
+    Del(DelArgs),
+    /// List the keys that have a value, optionally only those starting with PREFIX.
+    Keys(KeysArgs),
+    /// Show who holds and who waits for which key, and who waits for whom.
+    Locks(LocksArgs),
+    /// Show the open sessions.
+    Sessions(SessionsArgs),
+    /// End another session: release its locks, answer its waiting request `killed`, close its
+    /// connection (needs the admin token).
+    Kill(KillArgs),
+}
+
+/// Where the server is and how to authenticate; every client command takes these.
+#[derive(Args, Debug, Clone)]
+pub struct ServerOptions {
+    /// The server's WebSocket URL.
+    #[arg(long = "server", env = "LOCKSMITH_URL", default_value = DEFAULT_URL)]
+    pub url: String,
+    /// The token the server requires (`--token` there), or its admin token for `kill`.
+    #[arg(long, env = "LOCKSMITH_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+}
+
+impl ServerOptions {
+    /// Connects, naming the session `name`.
+    ///
+    /// # Errors
+    /// The connection's failure.
+    pub async fn connect(&self, name: Option<&str>) -> Result<Client, ClientError> {
+        let mut builder = Client::builder(&self.url);
+        if let Some(token) = &self.token {
+            builder = builder.token(token);
+        }
+        if let Some(name) = name {
+            builder = builder.name(name);
+        }
+        builder.connect().await
+    }
+}
+
+/// `locksmith get`.
+#[derive(Args, Debug)]
+pub struct GetArgs {
+    /// The keys to read.
+    #[arg(required = true, value_name = "KEY")]
+    pub keys: Vec<String>,
+    /// Print one JSON object key → value.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub server: ServerOptions,
+}
+
+/// `locksmith set`.
+#[derive(Args, Debug)]
+pub struct SetArgs {
+    /// The key.
+    pub key: String,
+    /// The value, as JSON (`42`, `'"text"'`, `'{"a":1}'`), or any text with `--string`.
+    pub value: String,
+    /// Store VALUE as a JSON string, as given.
+    #[arg(long)]
+    pub string: bool,
+    /// Print the answer (with the fencing token) as JSON.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub server: ServerOptions,
+}
+
+/// `locksmith del`.
+#[derive(Args, Debug)]
+pub struct DelArgs {
+    /// The keys to delete.
+    #[arg(required = true, value_name = "KEY")]
+    pub keys: Vec<String>,
+    /// Print the answer as JSON.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub server: ServerOptions,
+}
+
+/// `locksmith keys`.
+#[derive(Args, Debug)]
+pub struct KeysArgs {
+    /// Only keys starting with this.
+    #[arg(default_value = "")]
+    pub prefix: String,
+    /// Print a JSON array.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub server: ServerOptions,
+}
+
+/// `locksmith locks`.
+#[derive(Args, Debug)]
+pub struct LocksArgs {
+    /// Only keys starting with this.
+    pub prefix: Option<String>,
+    /// Print the server's answer as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Redraw every INTERVAL until interrupted.
+    #[arg(long, value_name = "INTERVAL", num_args = 0..=1, default_missing_value = "1s", value_parser = parse_duration)]
+    pub watch: Option<Duration>,
+    #[command(flatten)]
+    pub server: ServerOptions,
+}
+
+/// `locksmith sessions`.
+#[derive(Args, Debug)]
+pub struct SessionsArgs {
+    /// Print the server's answer as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Redraw every INTERVAL until interrupted.
+    #[arg(long, value_name = "INTERVAL", num_args = 0..=1, default_missing_value = "1s", value_parser = parse_duration)]
+    pub watch: Option<Duration>,
+    #[command(flatten)]
+    pub server: ServerOptions,
+}
+
+/// `locksmith kill`.
+#[derive(Args, Debug)]
+pub struct KillArgs {
+    /// The session: its id, a unique prefix of it (as `locks` and `sessions` show), or its name
+    /// if exactly one session has that name.
+    pub session: String,
+    #[command(flatten)]
+    pub server: ServerOptions,
+}
+
+/// Runs a client command; the exit code.
+pub async fn run(command: CliCommand) -> ExitCode {
+    let result = match command {
+        CliCommand::Serve(_) => Ok(0),
+        CliCommand::Lock(args) => lock_command::run(args).await,
+        CliCommand::Get(args) => get(args).await,
+        CliCommand::Set(args) => set(args).await,
+        CliCommand::Del(args) => del(args).await,
+        CliCommand::Keys(args) => keys(args).await,
+        CliCommand::Locks(args) => locks(args).await,
+        CliCommand::Sessions(args) => sessions(args).await,
+        CliCommand::Kill(args) => kill(args).await,
+    };
+    match result {
+        Ok(status) => ExitCode::from(status),
+        Err(failure) => failure.report(),
+    }
+}
+
+/// The name client commands give their session, so `locks` shows where a lock came from.
+const CLI_NAME: &str = "locksmith-cli";
+
+async fn get(args: GetArgs) -> Result<u8, Failure> {
+    let client = args.server.connect(Some(CLI_NAME)).await?;
+    let values = client.read(&args.keys, false).await?;
+    client.close().await;
+    if args.json {
+        println!("{}", Value::Object(values.into_iter().collect()));
+    } else if let [key] = args.keys.as_slice() {
+        println!("{}", plain(values.get(key).unwrap_or(&Value::Null)));
+    } else {
+        for key in &args.keys {
+            println!("{key}\t{}", plain(values.get(key).unwrap_or(&Value::Null)));
+        }
+    }
+    Ok(0)
+}
+
+/// A value for a terminal: a string as its text, anything else as JSON.
+fn plain(value: &Value) -> String {
+    match value {
+        Value::String(text) => text.clone(),
+        other => other.to_string(),
+    }
+}
+
+async fn set(args: SetArgs) -> Result<u8, Failure> {
+    let value = if args.string {
+        Value::String(args.value.clone())
+    } else {
+        serde_json::from_str(&args.value).map_err(|e| {
+            Failure::usage(format!(
+                "VALUE is not JSON ({e}); quote a string as '\"text\"' or pass --string"
+            ))
+        })?
+    };
+    let client = args.server.connect(Some(CLI_NAME)).await?;
+    let grant = client.write(&[(&args.key, value)], false).await?;
+    client.close().await;
+    if args.json {
+        println!("{}", serde_json::json!({"tokens": grant.tokens}));
+    } else {
+        println!("OK");
+    }
+    Ok(0)
+}
+
+async fn del(args: DelArgs) -> Result<u8, Failure> {
+    let client = args.server.connect(Some(CLI_NAME)).await?;
+    let deleted = client.delete(&args.keys, false).await?;
+    client.close().await;
+    if args.json {
+        println!("{}", serde_json::to_string(&deleted).unwrap_or_default());
+    } else {
+        println!("{}", deleted.deleted);
+    }
+    Ok(0)
+}
+
+async fn keys(args: KeysArgs) -> Result<u8, Failure> {
+    let client = args.server.connect(Some(CLI_NAME)).await?;
+    let mut all = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let page = client.keys(&args.prefix, None, after.as_deref()).await?;
+        if args.json {
+            all.extend(page.keys);
+        } else {
+            for key in &page.keys {
+                println!("{key}");
+            }
+        }
+        match page.next {
+            Some(next) => after = Some(next),
+            None => break,
+        }
+    }
+    client.close().await;
+    if args.json {
+        println!("{}", Value::from(all));
+    }
+    Ok(0)
+}
+
+async fn locks(args: LocksArgs) -> Result<u8, Failure> {
+    let client = args.server.connect(Some(CLI_NAME)).await?;
+    loop {
+        let view = client.locks(args.prefix.as_deref()).await?;
+        let text = if args.json {
+            format!("{}\n", serde_json::to_string(&view).unwrap_or_default())
+        } else {
+            let sessions = match client.sessions().await {
+                // A server from before `sessions`: the table shows ids without peers.
+                Err(ClientError::UnknownCommand(_)) => Vec::new(),
+                other => other?,
+            };
+            tables::locks_table(&view, &sessions)
+        };
+        if !show(&text, args.watch).await {
+            break;
+        }
+    }
+    client.close().await;
+    Ok(0)
+}
+
+async fn sessions(args: SessionsArgs) -> Result<u8, Failure> {
+    let client = args.server.connect(Some(CLI_NAME)).await?;
+    loop {
+        let sessions = client.sessions().await?;
+        let text = if args.json {
+            format!("{}\n", serde_json::to_string(&sessions).unwrap_or_default())
+        } else {
+            tables::sessions_table(&sessions)
+        };
+        if !show(&text, args.watch).await {
+            break;
+        }
+    }
+    client.close().await;
+    Ok(0)
+}
+
+/// Prints `text`; with `--watch`, clears the screen first and waits for the next round.
+/// Whether there is a next round.
+async fn show(text: &str, watch: Option<Duration>) -> bool {
+    match watch {
+        None => {
+            print!("{text}");
+            false
+        }
+        Some(interval) => {
+            print!("\x1b[2J\x1b[H{text}");
+            tokio::time::sleep(interval).await;
+            true
+        }
+    }
+}
+
+async fn kill(args: KillArgs) -> Result<u8, Failure> {
+    let client = args.server.connect(Some(CLI_NAME)).await?;
+    let sessions = client.sessions().await?;
+    let target = resolve_session(&args.session, &sessions)?;
+    client.kill(&target).await?;
+    client.close().await;
+    println!("killed {target}");
+    Ok(0)
+}
+
+/// The full id of the one session `given` names: an exact id, a unique id prefix, or a unique
+/// name.
+fn resolve_session(
+    given: &str,
+    sessions: &[crate::client::SessionView],
+) -> Result<String, Failure> {
+    let by_id: Vec<&str> = sessions
+        .iter()
+        .filter(|s| s.session.starts_with(given))
+        .map(|s| s.session.as_str())
+        .collect();
+    let by_name: Vec<&str> = sessions
+        .iter()
+        .filter(|s| s.name.as_deref() == Some(given))
+        .map(|s| s.session.as_str())
+        .collect();
+    let matches = if by_id.is_empty() { by_name } else { by_id };
+    match matches.as_slice() {
+        [one] => Ok((*one).to_owned()),
+        [] => Err(Failure::from(ClientError::NotFound(format!(
+            "no open session has the id, id prefix or name {given:?}"
+        )))),
+        many => Err(Failure::usage(format!(
+            "{given:?} names {} sessions ({}); give more of the id",
+            many.len(),
+            many.join(", ")
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::client::SessionView;
+
+    fn session(id: &str, name: Option<&str>) -> SessionView {
+        SessionView {
+            session: id.into(),
+            name: name.map(Into::into),
+            ..SessionView::default()
+        }
+    }
+
+    #[test]
+    fn kill_accepts_an_id_a_unique_prefix_or_a_unique_name() {
+        let sessions = [
+            session("5f2e1c3a-1", Some("backup")),
+            session("5f2e9999-2", Some("report")),
+            session("0b6b0f0e-3", Some("report")),
+        ];
+        assert_eq!(
+            resolve_session("5f2e1c3a-1", &sessions).ok(),
+            Some("5f2e1c3a-1".into())
+        );
+        assert_eq!(
+            resolve_session("0b6b", &sessions).ok(),
+            Some("0b6b0f0e-3".into())
+        );
+        assert_eq!(
+            resolve_session("backup", &sessions).ok(),
+            Some("5f2e1c3a-1".into())
+        );
+        let ambiguous = resolve_session("5f2e", &sessions).expect_err("two ids start so");
+        assert_eq!(ambiguous.status, exit::BAD_USAGE);
+        let two_names = resolve_session("report", &sessions).expect_err("two sessions so named");
+        assert_eq!(two_names.status, exit::BAD_USAGE);
+        let none = resolve_session("nobody", &sessions).expect_err("no such session");
+        assert_eq!(none.code, "not_found");
+    }
+
+    #[test]
+    fn no_command_means_the_server_and_serve_is_the_explicit_form() {
+        let cli = Cli::try_parse_from(["locksmith", "--in-memory"]).expect("server flags parse");
+        assert!(cli.command.is_none());
+        assert!(cli.serve.in_memory);
+        let cli = Cli::try_parse_from(["locksmith", "serve", "--in-memory"]).expect("serve");
+        assert!(matches!(cli.command, Some(CliCommand::Serve(config)) if config.in_memory));
+    }
+
+    #[test]
+    fn lock_takes_keys_then_the_command_after_a_double_dash() {
+        let cli = Cli::try_parse_from([
+            "locksmith",
+            "lock",
+            "--read",
+            "--timeout",
+            "10s",
+            "a",
+            "b",
+            "--",
+            "echo",
+            "--x",
+        ])
+        .expect("lock parses");
+        let Some(CliCommand::Lock(args)) = cli.command else {
+            panic!("not lock");
+        };
+        assert!(args.read);
+        assert_eq!(args.keys, ["a", "b"]);
+        assert_eq!(args.command, ["echo", "--x"]);
+        assert_eq!(args.timeout, Some(Duration::from_secs(10)));
+        assert!(Cli::try_parse_from(["locksmith", "lock", "a"]).is_err());
+    }
+}
