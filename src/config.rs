@@ -61,24 +61,91 @@ pub struct Config {
     pub in_memory: bool,
 }
 
-/// Parses `250ms`, `30s`, `2m`, or a bare number of milliseconds.
+/// Parses a duration: a number, optionally with a fraction, and a unit: `ms`, `s`, `m` or `h`
+/// (`500ms`, `1.5s`, `0.25s`, `2m`, `1h`). A bare `0` is accepted too (zero is zero in every
+/// unit); any other number without a unit is refused, because `--lock-timeout 5` would otherwise
+/// be read as 5 ms by someone who meant 5 s. Fractions finer than a nanosecond are dropped.
 ///
 /// # Errors
-/// A message naming the accepted forms.
+/// A message for the user: for a number without a unit, `a duration needs a unit: 5s or 5ms?`;
+/// otherwise one naming the accepted forms.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     let split = text
-        .find(|c: char| !c.is_ascii_digit())
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
-    let number: u64 = number
-        .parse()
-        .map_err(|_| format!("invalid duration {text:?}: use e.g. 500ms, 30s or 2m"))?;
-    match unit {
-        "" | "ms" => Ok(Duration::from_millis(number)),
-        "s" => Ok(Duration::from_secs(number)),
-        "m" => Ok(Duration::from_secs(number.saturating_mul(60))),
-        _ => Err(format!("invalid duration unit in {text:?}: use ms, s or m")),
+    let Some(number) = Decimal::parse(number) else {
+        return Err(format!(
+            "invalid duration {text:?}: use a number and a unit, e.g. 500ms, 1.5s, 2m or 1h"
+        ));
+    };
+    let nanos_per_unit: u128 = match unit {
+        "" if number.is_zero() => return Ok(Duration::ZERO),
+        "" => return Err(format!("a duration needs a unit: {text}s or {text}ms?")),
+        "ms" => 1_000_000,
+        "s" => 1_000_000_000,
+        "m" => 60 * 1_000_000_000,
+        "h" => 3_600 * 1_000_000_000,
+        _ => {
+            return Err(format!(
+                "unknown unit {unit:?} in duration {text:?}: use ms, s, m or h (e.g. 500ms, 1.5s)"
+            ))
+        }
+    };
+    number
+        .times(nanos_per_unit)
+        .and_then(|nanos| {
+            let secs = u64::try_from(nanos / 1_000_000_000).ok()?;
+            // The remainder of a division by 10^9 is below 10^9, so it fits.
+            let subsec = u32::try_from(nanos % 1_000_000_000).ok()?;
+            Some(Duration::new(secs, subsec))
+        })
+        .ok_or_else(|| format!("duration {text:?} is too long"))
+}
+
+/// A non-negative decimal number as written (`12`, `1.5`, `0.25`), kept exact: the digits
+/// without the point, and how many of them follow the point.
+struct Decimal {
+    /// Every digit, the point removed (`1.5` is 15).
+    digits: u128,
+    /// Digits after the point (`1.5` has 1); at most [`Decimal::MAX_FRACTION_DIGITS`].
+    fraction_digits: u32,
+}
+
+impl Decimal {
+    /// Nine digits of fraction are nanoseconds of a second and microseconds of an hour; further
+    /// digits are dropped so that the product in [`Decimal::times`] cannot overflow.
+    const MAX_FRACTION_DIGITS: usize = 9;
+
+    /// `digits` or `digits.digits`; `None` for anything else (an empty side, a sign, two points,
+    /// more digits than a duration can use).
+    fn parse(text: &str) -> Option<Decimal> {
+        let all_digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+        let (whole, fraction) = match text.split_once('.') {
+            Some((whole, fraction)) if all_digits(fraction) => (whole, fraction),
+            Some(_) => return None,
+            None => (text, ""),
+        };
+        if !all_digits(whole) || whole.len() > 20 {
+            return None;
+        }
+        let fraction = &fraction[..fraction.len().min(Self::MAX_FRACTION_DIGITS)];
+        let digits = format!("{whole}{fraction}").parse().ok()?;
+        let fraction_digits = u32::try_from(fraction.len()).ok()?;
+        Some(Decimal {
+            digits,
+            fraction_digits,
+        })
+    }
+
+    fn is_zero(&self) -> bool {
+        self.digits == 0
+    }
+
+    /// `self * factor`, rounded down to a whole number; `None` on overflow.
+    fn times(&self, factor: u128) -> Option<u128> {
+        Some(self.digits.checked_mul(factor)? / 10u128.pow(self.fraction_digits))
     }
 }
 
@@ -87,20 +154,65 @@ mod tests {
     use super::*;
 
     #[test]
-    fn durations_accept_ms_s_m_and_bare_milliseconds() {
+    fn durations_accept_ms_s_m_h_and_fractions() {
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
         assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
-        assert_eq!(parse_duration("15"), Ok(Duration::from_millis(15)));
-        assert!(parse_duration("s").is_err());
-        assert!(parse_duration("5h").is_err());
-        assert!(parse_duration("-1s").is_err());
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("0.25s"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("0.1s"), Ok(Duration::from_millis(100)));
+        assert_eq!(parse_duration("2.5ms"), Ok(Duration::from_micros(2500)));
+        assert_eq!(parse_duration("0.5h"), Ok(Duration::from_secs(1800)));
+        assert_eq!(parse_duration(" 5s "), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("0ms"), Ok(Duration::ZERO));
+    }
+
+    #[test]
+    fn a_duration_without_a_unit_is_rejected_with_a_hint() {
+        assert_eq!(
+            parse_duration("5"),
+            Err("a duration needs a unit: 5s or 5ms?".to_owned())
+        );
+        assert_eq!(
+            parse_duration("1.5"),
+            Err("a duration needs a unit: 1.5s or 1.5ms?".to_owned())
+        );
+    }
+
+    #[test]
+    fn a_bare_zero_is_accepted_as_no_time() {
+        assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
+        assert_eq!(parse_duration("0.0"), Ok(Duration::ZERO));
+    }
+
+    #[test]
+    fn malformed_durations_are_rejected() {
+        for text in [
+            "", "s", "-1s", "+1s", "1..5s", ".5s", "5.s", "1.2.3s", "5 s", "5d",
+        ] {
+            assert!(parse_duration(text).is_err(), "{text:?} was accepted");
+        }
+        assert!(parse_duration("5d")
+            .unwrap_err()
+            .contains("use ms, s, m or h"));
+        assert!(parse_duration("99999999999999999999h")
+            .unwrap_err()
+            .contains("too long"));
+    }
+
+    #[test]
+    fn a_duration_flag_without_a_unit_fails_to_parse_with_the_hint() {
+        let error = Config::try_parse_from(["locksmith", "--lock-timeout", "5"])
+            .expect_err("5 without a unit");
+        assert!(error.to_string().contains("5s or 5ms?"), "message: {error}");
     }
 
     #[test]
     fn defaults_need_no_flags() {
         let config = Config::try_parse_from(["locksmith"]).expect("defaults parse");
         assert!(config.listen.is_empty());
+        assert_eq!(config.idle_timeout, Duration::from_secs(60));
         assert_eq!(config.lock_timeout, Duration::from_secs(30));
         assert_eq!(config.data_dir, PathBuf::from("./data"));
         assert!(!config.in_memory);
