@@ -1,24 +1,38 @@
 //! Command-line and environment configuration (clap). Every flag can also be set through the
 //! environment variable named in its help.
 
-use std::net::SocketAddr;
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
+use std::str::FromStr;
 use std::time::Duration;
 
 use clap::Parser;
 
-/// The addresses served when no `--listen` is given: loopback port 8008 on IPv4 and IPv6, so
-/// `ws://localhost:8008/ws` works whichever address `localhost` resolves to.
-pub const DEFAULT_LISTEN: [&str; 2] = ["127.0.0.1:8008", "[::1]:8008"];
+/// The port served when no `--listen` is given.
+pub const DEFAULT_PORT: u16 = 8008;
+
+/// The addresses a bare port (`--listen :8008`, or no `--listen` at all) stands for: loopback on
+/// IPv4 and IPv6, so `ws://localhost:8008/ws` works whichever address `localhost` resolves to.
+pub const LOOPBACK: [IpAddr; 2] = [
+    IpAddr::V4(Ipv4Addr::LOCALHOST),
+    IpAddr::V6(Ipv6Addr::LOCALHOST),
+];
+
+/// What is served when no `--listen` is given: the loopback addresses on [`DEFAULT_PORT`].
+pub const DEFAULT_LISTEN: ListenAddr = ListenAddr::Port(DEFAULT_PORT);
 
 /// Locksmith: a deadlock-aware lock manager service over WebSocket.
 #[derive(Parser, Debug, Clone)]
 #[command(version, about)]
 pub struct Config {
-    /// Address to listen on (repeatable). Default: 127.0.0.1:8008 and [::1]:8008 (the IPv6 one
-    /// is skipped with a warning where IPv6 is unavailable).
+    /// Address to listen on (repeatable): `127.0.0.1:8008`, `[::1]:8008`, a host name with a
+    /// port (`localhost:8008`: every address it resolves to), or a bare port (`:8008` or `8008`:
+    /// 127.0.0.1 and [::1] on that port). Default: `:8008`. The IPv6 address of a host name or a
+    /// bare port is skipped with a warning where IPv6 is unavailable; every other address that
+    /// cannot be bound stops the start.
     #[arg(long = "listen", env = "LOCKSMITH_LISTEN", value_delimiter = ',')]
-    pub listen: Vec<SocketAddr>,
+    pub listen: Vec<ListenAddr>,
 
     /// Default wait limit of lock/read/write requests that give no `timeout_ms`
     /// (e.g. `30s`, `500ms`, `2m`).
@@ -59,6 +73,96 @@ pub struct Config {
     /// Keep values in memory only (lost on exit) instead of in the durable store.
     #[arg(long, env = "LOCKSMITH_IN_MEMORY")]
     pub in_memory: bool,
+}
+
+/// One `--listen` value, as written; [`crate::server::bind`] resolves it at start-up.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ListenAddr {
+    /// An IP address and port (`127.0.0.1:8008`, `[::1]:8008`): exactly that address.
+    Socket(SocketAddr),
+    /// A host name and port (`localhost:8008`): every address the name resolves to.
+    Host {
+        /// The name, resolved when the server starts.
+        name: String,
+        /// The port, on every address of the name.
+        port: u16,
+    },
+    /// A bare port (`:8008`, `8008`): the [`LOOPBACK`] addresses on it.
+    Port(u16),
+}
+
+/// Why a `--listen` value is not an address.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ListenAddrError {
+    /// No `:port` at the end.
+    #[error("{0:?} has no port: write e.g. {0}:8008")]
+    NoPort(String),
+    /// The port is not a number from 0 to 65535.
+    #[error("invalid port {port:?} in {text:?}: use a number from 0 to 65535")]
+    BadPort {
+        /// The whole value.
+        text: String,
+        /// What stood after the last `:`.
+        port: String,
+    },
+    /// An IPv6 address without brackets, or a host part that is no name.
+    #[error("invalid host {host:?} in {text:?}: write an IPv6 address in brackets ([::1]:8008), an IPv4 address (127.0.0.1:8008) or a host name (localhost:8008)")]
+    BadHost {
+        /// The whole value.
+        text: String,
+        /// What stood before the port.
+        host: String,
+    },
+}
+
+impl FromStr for ListenAddr {
+    type Err = ListenAddrError;
+
+    fn from_str(text: &str) -> Result<ListenAddr, ListenAddrError> {
+        let text = text.trim();
+        if let Ok(addr) = text.parse::<SocketAddr>() {
+            return Ok(ListenAddr::Socket(addr));
+        }
+        let parse_port = |port: &str| {
+            port.parse::<u16>().map_err(|_| ListenAddrError::BadPort {
+                text: text.to_owned(),
+                port: port.to_owned(),
+            })
+        };
+        let Some((host, port)) = text.rsplit_once(':') else {
+            return if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
+                parse_port(text).map(ListenAddr::Port)
+            } else {
+                Err(ListenAddrError::NoPort(text.to_owned()))
+            };
+        };
+        if host.is_empty() {
+            return parse_port(port).map(ListenAddr::Port);
+        }
+        let is_name = host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_');
+        if !is_name {
+            return Err(ListenAddrError::BadHost {
+                text: text.to_owned(),
+                host: host.to_owned(),
+            });
+        }
+        Ok(ListenAddr::Host {
+            name: host.to_owned(),
+            port: parse_port(port)?,
+        })
+    }
+}
+
+impl fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ListenAddr::Socket(addr) => write!(f, "{addr}"),
+            ListenAddr::Host { name, port } => write!(f, "{name}:{port}"),
+            ListenAddr::Port(port) => write!(f, ":{port}"),
+        }
+    }
 }
 
 /// Parses a duration: a number, optionally with a fraction, and a unit: `ms`, `s`, `m` or `h`
@@ -216,5 +320,102 @@ mod tests {
         assert_eq!(config.lock_timeout, Duration::from_secs(30));
         assert_eq!(config.data_dir, PathBuf::from("./data"));
         assert!(!config.in_memory);
+    }
+
+    #[test]
+    fn listen_accepts_ip_addresses_host_names_and_bare_ports() {
+        let parse = |text: &str| text.parse::<ListenAddr>();
+        assert_eq!(
+            parse("127.0.0.1:8008"),
+            Ok(ListenAddr::Socket(SocketAddr::from(([127, 0, 0, 1], 8008))))
+        );
+        assert_eq!(
+            parse("[::1]:9000"),
+            Ok(ListenAddr::Socket(SocketAddr::from((
+                Ipv6Addr::LOCALHOST,
+                9000
+            ))))
+        );
+        assert_eq!(
+            parse("localhost:8008"),
+            Ok(ListenAddr::Host {
+                name: "localhost".into(),
+                port: 8008
+            })
+        );
+        assert_eq!(
+            parse("db-1.example.org:0"),
+            Ok(ListenAddr::Host {
+                name: "db-1.example.org".into(),
+                port: 0
+            })
+        );
+        assert_eq!(parse(":8008"), Ok(ListenAddr::Port(8008)));
+        assert_eq!(parse("8008"), Ok(ListenAddr::Port(8008)));
+    }
+
+    #[test]
+    fn listen_values_without_a_usable_port_or_host_are_rejected() {
+        let parse = |text: &str| text.parse::<ListenAddr>();
+        assert!(matches!(
+            parse("localhost"),
+            Err(ListenAddrError::NoPort(_))
+        ));
+        assert!(matches!(parse(""), Err(ListenAddrError::NoPort(_))));
+        assert!(matches!(
+            parse("localhost:"),
+            Err(ListenAddrError::BadPort { .. })
+        ));
+        assert!(matches!(
+            parse(":99999"),
+            Err(ListenAddrError::BadPort { .. })
+        ));
+        assert!(matches!(
+            parse("99999"),
+            Err(ListenAddrError::BadPort { .. })
+        ));
+        assert!(matches!(
+            parse("::1:8008"),
+            Err(ListenAddrError::BadHost { .. })
+        ));
+        assert!(matches!(
+            parse("[::1]"),
+            Err(ListenAddrError::BadHost { .. })
+        ));
+        assert!(matches!(
+            parse("a b:80"),
+            Err(ListenAddrError::BadHost { .. })
+        ));
+    }
+
+    #[test]
+    fn listen_addresses_print_as_written() {
+        for text in ["127.0.0.1:8008", "[::1]:8008", "localhost:8008", ":8008"] {
+            let addr: ListenAddr = text.parse().expect("valid");
+            assert_eq!(addr.to_string(), text);
+        }
+    }
+
+    #[test]
+    fn listen_flags_repeat_and_the_variable_is_comma_separated() {
+        let config = Config::try_parse_from([
+            "locksmith",
+            "--listen",
+            "localhost:8008,:9000",
+            "--listen",
+            "[::1]:1",
+        ])
+        .expect("valid addresses");
+        assert_eq!(
+            config.listen,
+            vec![
+                ListenAddr::Host {
+                    name: "localhost".into(),
+                    port: 8008
+                },
+                ListenAddr::Port(9000),
+                ListenAddr::Socket(SocketAddr::from((Ipv6Addr::LOCALHOST, 1))),
+            ]
+        );
     }
 }
