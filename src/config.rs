@@ -7,7 +7,8 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
-use clap::Parser;
+use clap::builder::BoolishValueParser;
+use clap::{ArgAction, Parser};
 
 /// The port served when no `--listen` is given.
 pub const DEFAULT_PORT: u16 = 8008;
@@ -70,8 +71,18 @@ pub struct Config {
     #[arg(long, env = "LOCKSMITH_DATA_DIR", default_value = "./data")]
     pub data_dir: PathBuf,
 
-    /// Keep values in memory only (lost on exit) instead of in the durable store.
-    #[arg(long, env = "LOCKSMITH_IN_MEMORY")]
+    /// Keep values in memory only (lost on exit) instead of in the durable store. A bare flag,
+    /// or a boolean: `true`/`false`, `yes`/`no`, `on`/`off`, `1`/`0` (any case), also as the
+    /// value of the environment variable.
+    #[arg(
+        long,
+        env = "LOCKSMITH_IN_MEMORY",
+        action = ArgAction::Set,
+        num_args = 0..=1,
+        default_value = "false",
+        default_missing_value = "true",
+        value_parser = BoolishValueParser::new()
+    )]
     pub in_memory: bool,
 }
 
@@ -417,5 +428,35 @@ mod tests {
                 ListenAddr::Socket(SocketAddr::from((Ipv6Addr::LOCALHOST, 1))),
             ]
         );
+    }
+
+    #[test]
+    fn in_memory_is_a_bare_flag_or_a_boolean_in_any_usual_spelling() {
+        let in_memory = |args: &[&str]| {
+            Config::try_parse_from(std::iter::once("locksmith").chain(args.iter().copied()))
+                .map(|config| config.in_memory)
+        };
+        assert_eq!(in_memory(&[]).ok(), Some(false));
+        assert_eq!(in_memory(&["--in-memory"]).ok(), Some(true));
+        assert_eq!(
+            in_memory(&["--in-memory", "--data-dir", "x"]).ok(),
+            Some(true)
+        );
+        for yes in ["1", "true", "TRUE", "yes", "Yes", "on", "y"] {
+            assert_eq!(
+                in_memory(&[&format!("--in-memory={yes}")]).ok(),
+                Some(true),
+                "{yes}"
+            );
+        }
+        for no in ["0", "false", "False", "no", "NO", "off", "n"] {
+            assert_eq!(
+                in_memory(&[&format!("--in-memory={no}")]).ok(),
+                Some(false),
+                "{no}"
+            );
+        }
+        assert_eq!(in_memory(&["--in-memory", "no"]).ok(), Some(false));
+        assert!(in_memory(&["--in-memory=maybe"]).is_err());
     }
 }
