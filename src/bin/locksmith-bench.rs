@@ -20,6 +20,12 @@
 //!   server's keepalive pings) for the duration and reports how many are still open. With
 //!   `--server-pid` it reads the server's `VmRSS` before and after, for the memory per connection.
 //!
+//! Keys: every key the generator touches starts with `--key-prefix` (`locksmith-bench/` by
+//! default: `locksmith-bench/k0`, …, `locksmith-bench/deadlock-0-1`, …), so it stays out of a
+//! user's own keys. Before a mix that writes (`write`, `mixed`) it asks the server for a key under
+//! that prefix (`{"command":"keys","prefix":…,"limit":1}`) and refuses to run if there is one (an
+//! earlier run's, or the user's), or if the server is too old to answer, unless `--overwrite`.
+//!
 //! Nothing the network can do panics the generator: failures are counted and printed.
 
 use std::collections::BTreeMap;
@@ -32,6 +38,7 @@ use futures_util::{SinkExt, StreamExt};
 use locksmith::config::parse_duration;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use serde_json::json;
 use serde_json::Value;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Semaphore};
@@ -95,6 +102,45 @@ struct Args {
     /// (idle mix) to report the memory per connection.
     #[arg(long)]
     server_pid: Option<u32>,
+
+    /// Start of every key the generator uses, so that it never touches a user's own keys.
+    #[arg(long, default_value = DEFAULT_KEY_PREFIX, value_parser = parse_key_prefix)]
+    key_prefix: String,
+
+    /// Run a mix that writes even if the server's store already holds keys under
+    /// `--key-prefix`, or if the server is too old to say: those values are overwritten.
+    #[arg(long)]
+    overwrite: bool,
+}
+
+/// Where the generator's keys live unless `--key-prefix` says otherwise.
+const DEFAULT_KEY_PREFIX: &str = "locksmith-bench/";
+
+/// Longest `--key-prefix`: keys are at most 1024 bytes, and the generator appends up to ~40.
+const MAX_KEY_PREFIX_BYTES: usize = 900;
+
+/// Checks a `--key-prefix`: it is pasted into JSON text as is, so it may hold no character that
+/// JSON would escape.
+fn parse_key_prefix(text: &str) -> Result<String, String> {
+    if text.len() > MAX_KEY_PREFIX_BYTES {
+        return Err(format!(
+            "a key prefix may have at most {MAX_KEY_PREFIX_BYTES} bytes"
+        ));
+    }
+    if text
+        .chars()
+        .any(|c| c == '"' || c == '\\' || c.is_control())
+    {
+        return Err(
+            "a key prefix may not contain quotes, backslashes or control characters".into(),
+        );
+    }
+    Ok(text.to_owned())
+}
+
+/// The `n`th key of the request mixes.
+fn bench_key(prefix: &str, n: usize) -> String {
+    format!("{prefix}k{n}")
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
@@ -105,6 +151,14 @@ enum Mix {
     Mixed,
     Deadlock,
     Idle,
+}
+
+impl Mix {
+    /// Does this mix write values (and so could overwrite someone's)? The others only lock and
+    /// read.
+    fn writes(self) -> bool {
+        matches!(self, Mix::Write | Mix::Mixed)
+    }
 }
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
@@ -286,7 +340,8 @@ struct Worker {
 
 impl Worker {
     fn key(&mut self) -> String {
-        format!("k{}", self.rng.random_range(0..self.args.keys.max(1)))
+        let n = self.rng.random_range(0..self.args.keys.max(1));
+        bench_key(&self.args.key_prefix, n)
     }
 
     fn timeout_ms(&self) -> u128 {
@@ -438,11 +493,72 @@ async fn run(args: Args) -> Result<(), String> {
             .map_or_else(|| "one per core".to_owned(), |t| t.to_string()),
         args.url
     );
+    if args.mix.writes() {
+        if args.overwrite {
+            println!(
+                "--overwrite: values under {:?} may be overwritten",
+                args.key_prefix
+            );
+        } else {
+            check_prefix_is_free(&args).await?;
+        }
+    }
     let args = Arc::new(args);
     match args.mix {
         Mix::Idle => idle(args).await,
         Mix::Deadlock => deadlock(args).await,
         _ => request_mix(args).await,
+    }
+}
+
+/// Asks the server whether its store holds a key under `--key-prefix`; `Err` (refusing the run)
+/// if it does, or if the server cannot say.
+async fn check_prefix_is_free(args: &Args) -> Result<(), String> {
+    let request = json!({"command": "keys", "prefix": args.key_prefix, "limit": 1});
+    let answer = async {
+        let mut client = Client::connect(&args.url, stall_limit(args)).await?;
+        let (answer, _) = client.call(request.to_string()).await?;
+        client.close().await;
+        Ok::<Answer, Failure>(answer)
+    }
+    .await
+    .map_err(|failure| format!("cannot ask the server for keys under the prefix: {failure}"))?;
+    prefix_verdict(&answer, &args.key_prefix)?;
+    println!("no keys under {:?} in the store: ok", args.key_prefix);
+    Ok(())
+}
+
+/// What a `keys` answer (asked for one key under `prefix`) says about running a mix that
+/// writes there: `Ok` only for a successful answer with no key.
+fn prefix_verdict(answer: &Answer, prefix: &str) -> Result<(), String> {
+    const HOW: &str =
+        "pass --overwrite to write over them anyway, or --key-prefix to use other keys";
+    if !answer.success() {
+        if answer.code() == "unknown_command" {
+            return Err(format!(
+                "the server is too old to check whether its store holds keys under {prefix:?} \
+                 (it has no `keys` command), and this mix writes: pass --overwrite to run anyway"
+            ));
+        }
+        let error = answer.0.get("error").and_then(Value::as_str).unwrap_or("");
+        return Err(format!(
+            "cannot check whether the store holds keys under {prefix:?}: the server answered {} \
+             ({error}); pass --overwrite to run anyway",
+            answer.code()
+        ));
+    }
+    match answer.0.get("keys").and_then(Value::as_array) {
+        Some(keys) => match keys.first() {
+            None => Ok(()),
+            Some(first) => Err(format!(
+                "the server's store already holds keys under {prefix:?} (e.g. {first}), perhaps \
+                 from an earlier run, and this mix would overwrite them: {HOW}"
+            )),
+        },
+        None => Err(format!(
+            "cannot check whether the store holds keys under {prefix:?}: the answer has no \
+             `keys` list; pass --overwrite to run anyway"
+        )),
     }
 }
 
@@ -565,8 +681,8 @@ impl Pair {
             b,
             control,
             a_session,
-            k1: format!("deadlock-{index}-1"),
-            k2: format!("deadlock-{index}-2"),
+            k1: format!("{}deadlock-{index}-1", args.key_prefix),
+            k2: format!("{}deadlock-{index}-2", args.key_prefix),
             timeout_ms: args.lock_timeout.as_millis(),
         })
     }
@@ -1022,5 +1138,79 @@ mod tests {
         assert_eq!(args.mix, Mix::Idle);
         assert_eq!(args.clients, 10_000);
         assert_eq!(args.duration, Duration::from_secs(120));
+    }
+
+    fn answer(value: Value) -> Answer {
+        match value {
+            Value::Object(object) => Answer(object),
+            other => panic!("not an object: {other}"),
+        }
+    }
+
+    #[test]
+    fn keys_live_under_the_bench_prefix_by_default() {
+        let args = Args::try_parse_from(["locksmith-bench"]).expect("defaults");
+        assert_eq!(args.key_prefix, "locksmith-bench/");
+        assert!(!args.overwrite);
+        assert_eq!(bench_key(&args.key_prefix, 7), "locksmith-bench/k7");
+        let args =
+            Args::try_parse_from(["locksmith-bench", "--key-prefix", "mine:", "--overwrite"])
+                .expect("valid arguments");
+        assert_eq!(bench_key(&args.key_prefix, 0), "mine:k0");
+        assert!(args.overwrite);
+    }
+
+    #[test]
+    fn a_key_prefix_that_json_would_escape_is_refused() {
+        for prefix in ["a\"b", "a\\b", "a\nb"] {
+            assert!(
+                Args::try_parse_from(["locksmith-bench", "--key-prefix", prefix]).is_err(),
+                "{prefix:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn only_the_write_and_mixed_mixes_need_the_prefix_check() {
+        let writing: Vec<Mix> = Mix::value_variants()
+            .iter()
+            .copied()
+            .filter(|mix| mix.writes())
+            .collect();
+        assert_eq!(writing, vec![Mix::Write, Mix::Mixed]);
+    }
+
+    #[test]
+    fn no_key_under_the_prefix_lets_the_run_go() {
+        let empty = answer(json!({"success": true, "keys": [], "next": null}));
+        assert_eq!(prefix_verdict(&empty, "locksmith-bench/"), Ok(()));
+    }
+
+    #[test]
+    fn a_key_under_the_prefix_refuses_the_run() {
+        let taken = answer(json!({"success": true, "keys": ["locksmith-bench/k3"], "next": "x"}));
+        let refusal = prefix_verdict(&taken, "locksmith-bench/").expect_err("refused");
+        assert!(refusal.contains("\"locksmith-bench/k3\""), "{refusal}");
+        assert!(refusal.contains("--overwrite"), "{refusal}");
+    }
+
+    #[test]
+    fn a_server_without_the_keys_command_refuses_the_run_as_too_old() {
+        let old = answer(json!({
+            "success": false,
+            "code": "unknown_command",
+            "error": "unknown command \"keys\""
+        }));
+        let refusal = prefix_verdict(&old, "locksmith-bench/").expect_err("refused");
+        assert!(refusal.contains("too old"), "{refusal}");
+        assert!(refusal.contains("--overwrite"), "{refusal}");
+    }
+
+    #[test]
+    fn any_other_answer_to_keys_refuses_the_run() {
+        let failed = answer(json!({"success": false, "code": "bad_request", "error": "no"}));
+        assert!(prefix_verdict(&failed, "p/").is_err());
+        let odd = answer(json!({"success": true}));
+        assert!(prefix_verdict(&odd, "p/").is_err());
     }
 }
