@@ -1,0 +1,266 @@
+//! The client library (`locksmith::client`) against the real server in-process: typed answers,
+//! typed errors that mirror the wire codes, pipelining, and what a caller sees when the
+//! connection ends.
+
+mod wire;
+
+use std::time::Duration;
+
+use locksmith::client::{Client, ClientError};
+use locksmith::lock::LockMode::{Exclusive, Shared};
+use locksmith::server::ServerSettings;
+use futures_util::{SinkExt, StreamExt};
+use serde_json::json;
+use tokio_tungstenite::tungstenite::Message;
+use wire::{settings, start, BOUND};
+
+async fn connect(url: &str) -> Client {
+    tokio::time::timeout(BOUND, Client::connect(url))
+        .await
+        .expect("connect in time")
+        .expect("connect")
+}
+
+#[tokio::test]
+async fn calls_pipelined_from_many_tasks_on_one_client_each_get_their_own_answer() {
+    let server = start(settings()).await;
+    let client = std::sync::Arc::new(connect(&server.url()).await);
+    let mut tasks = Vec::new();
+    for n in 0..200 {
+        let client = client.clone();
+        tasks.push(tokio::spawn(async move {
+            let key = format!("k{n}");
+            client
+                .write(&[(key.as_str(), json!(n))], false)
+                .await
+                .expect("write");
+            let values = client.read(&[key.as_str()], false).await.expect("read");
+            assert_eq!(values[&key], json!(n), "the answer of this call, not another's");
+        }));
+    }
+    for task in tasks {
+        tokio::time::timeout(BOUND, task)
+            .await
+            .expect("in time")
+            .expect("task");
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_grant_carries_a_fencing_token_per_key_that_increases() {
+    let server = start(settings()).await;
+    let client = connect(&server.url()).await;
+    let first = client.lock(&["a", "b"], Exclusive, None).await.expect("lock");
+    client.unlock(&["a", "b"]).await.expect("unlock");
+    let second = client.lock(&["a"], Shared, None).await.expect("lock");
+    assert_eq!(first.tokens.len(), 2);
+    assert!(second.tokens["a"] > first.tokens["a"]);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn errors_mirror_the_wire_codes_with_their_details() {
+    let server = start(settings()).await;
+    let a = connect(&server.url()).await;
+    let b = connect(&server.url()).await;
+    a.lock(&["k"], Exclusive, None).await.expect("lock");
+    match b.lock(&["k"], Exclusive, Some(Duration::ZERO)).await {
+        Err(ClientError::Timeout { key, .. }) => assert_eq!(key, "k"),
+        other => panic!("expected a timeout, got {other:?}"),
+    }
+    match b.unlock(&["k", "z"]).await {
+        Err(ClientError::NotHeld { keys, .. }) => assert_eq!(keys, ["k", "z"]),
+        other => panic!("expected not_held, got {other:?}"),
+    }
+    let unknown = b.request(json!({"command": "dance"})).await;
+    assert_eq!(unknown.map_err(|e| e.code().to_owned()), Err("unknown_command".into()));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_deadlock_error_names_the_cycle_starting_with_the_refused_session() {
+    let server = start(settings()).await;
+    let a = std::sync::Arc::new(connect(&server.url()).await);
+    let b = connect(&server.url()).await;
+    a.lock(&["k1"], Exclusive, None).await.expect("a takes k1");
+    b.lock(&["k2"], Exclusive, None).await.expect("b takes k2");
+    let waiting = {
+        let a = a.clone();
+        tokio::spawn(async move { a.lock(&["k2"], Exclusive, None).await })
+    };
+    server.wait_queued(a.session_id(), "k2").await;
+    match b.lock(&["k1"], Exclusive, None).await {
+        Err(ClientError::Deadlock { cycle, .. }) => {
+            let members: Vec<(&str, &str)> = cycle
+                .iter()
+                .map(|m| (m.session.as_str(), m.waiting_for_key.as_str()))
+                .collect();
+            assert_eq!(members, [(b.session_id(), "k1"), (a.session_id(), "k2")]);
+        }
+        other => panic!("expected a deadlock, got {other:?}"),
+    }
+    b.unlock(&["k2"]).await.expect("unlock");
+    let granted = tokio::time::timeout(BOUND, waiting).await.expect("in time");
+    assert!(granted.expect("task").is_ok());
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_waiting_call_is_answered_shutting_down_when_the_server_stops_then_lost_resolves() {
+    let server = start(settings()).await;
+    let holder = connect(&server.url()).await;
+    let waiter = std::sync::Arc::new(connect(&server.url()).await);
+    holder.lock(&["k"], Exclusive, None).await.expect("lock");
+    let waiting = {
+        let waiter = waiter.clone();
+        tokio::spawn(async move { waiter.lock(&["k"], Exclusive, None).await })
+    };
+    server.wait_queued(waiter.session_id(), "k").await;
+    server.stop().await;
+    let answer = tokio::time::timeout(BOUND, waiting)
+        .await
+        .expect("in time")
+        .expect("task");
+    assert_eq!(answer.expect_err("not granted").code(), "shutting_down");
+    let lost = tokio::time::timeout(BOUND, waiter.lost())
+        .await
+        .expect("lost resolves");
+    assert_eq!(lost.code(), "connection_lost", "{lost}");
+    assert!(waiter.is_lost());
+    let after = waiter.ping().await.expect_err("no more calls");
+    assert_eq!(after.code(), "connection_lost");
+}
+
+/// A server that answers `hello`, reads one more request and drops the connection without
+/// answering it.
+async fn server_that_drops_the_second_request() -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.expect("accept");
+        let mut ws = tokio_tungstenite::accept_async(stream)
+            .await
+            .expect("handshake");
+        let hello = next_request(&mut ws).await;
+        let answer = json!({"success": true, "session": "s-1", "id": hello["id"]});
+        ws.send(Message::text(answer.to_string()))
+            .await
+            .expect("answer hello");
+        next_request(&mut ws).await;
+        drop(ws);
+    });
+    format!("ws://{addr}/ws")
+}
+
+async fn next_request(
+    ws: &mut tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>,
+) -> serde_json::Value {
+    loop {
+        match ws.next().await {
+            Some(Ok(Message::Text(text))) => {
+                return serde_json::from_str(text.as_str()).expect("JSON")
+            }
+            Some(Ok(_)) => {}
+            other => panic!("the client went away: {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_call_in_flight_when_the_connection_breaks_fails_with_connection_lost() {
+    let url = server_that_drops_the_second_request().await;
+    let client = connect(&url).await;
+    assert_eq!(client.session_id(), "s-1");
+    let answer = tokio::time::timeout(BOUND, client.lock(&["k"], Exclusive, None))
+        .await
+        .expect("answered in time");
+    assert_eq!(answer.expect_err("never granted").code(), "connection_lost");
+    let lost = tokio::time::timeout(BOUND, client.lost())
+        .await
+        .expect("lost resolves");
+    assert_eq!(lost.code(), "connection_lost");
+}
+
+#[tokio::test]
+async fn connecting_to_a_full_server_fails_with_server_busy() {
+    let server = start(ServerSettings {
+        max_connections: 1,
+        ..settings()
+    })
+    .await;
+    let first = connect(&server.url()).await;
+    let refused = tokio::time::timeout(BOUND, Client::connect(&server.url()))
+        .await
+        .expect("answered in time");
+    match refused {
+        Err(error) => assert_eq!(error.code(), "server_busy", "{error}"),
+        Ok(_) => panic!("a second connection was accepted over the limit"),
+    }
+    first.close().await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn connecting_where_nothing_listens_fails_with_connect() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    drop(listener);
+    let error = tokio::time::timeout(BOUND, Client::connect(&format!("ws://{addr}/ws")))
+        .await
+        .expect("in time")
+        .err()
+        .expect("nothing listens there");
+    assert_eq!(error.code(), "connect");
+}
+
+#[tokio::test]
+async fn closing_a_client_releases_its_locks() {
+    let server = start(settings()).await;
+    let client = connect(&server.url()).await;
+    client.lock(&["k"], Exclusive, None).await.expect("lock");
+    client.close().await;
+    server.wait_idle().await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_server_that_stops_answering_pings_is_noticed_by_the_keepalive() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (silenced, silence) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.expect("accept");
+        let mut ws = tokio_tungstenite::accept_async(stream)
+            .await
+            .expect("handshake");
+        let hello = next_request(&mut ws).await;
+        let answer = json!({"success": true, "session": "s-1", "id": hello["id"]});
+        ws.send(Message::text(answer.to_string()))
+            .await
+            .expect("answer hello");
+        // From now on nothing is read, so no ping is answered; the socket stays open until
+        // the test ends.
+        let _ = silence.await;
+        drop(ws);
+    });
+    let client = tokio::time::timeout(
+        BOUND,
+        Client::builder(&format!("ws://{addr}/ws"))
+            .keepalive(Some(Duration::from_millis(50)))
+            .connect(),
+    )
+    .await
+    .expect("in time")
+    .expect("connect");
+    let lost = tokio::time::timeout(BOUND, client.lost())
+        .await
+        .expect("the silence is noticed");
+    assert_eq!(lost.code(), "connection_lost");
+    assert!(lost.to_string().contains("nothing heard"), "{lost}");
+    drop(silenced);
+}
