@@ -1,0 +1,291 @@
+//! The `locksmith` command-line client, run as the built binary against a server: `lock -- CMD`
+//! holds the locks exactly while CMD runs, passes CMD's status through, and has its own exit
+//! status for each of its own failures; the data and admin commands print what they promise.
+//!
+//! Most tests run the server in-process (so they can look at its lock table); the one that kills
+//! the server runs it as a process too.
+
+mod binary;
+mod wire;
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use locksmith::client::{Client, ClientError};
+use locksmith::lock::LockMode::Exclusive;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
+use tokio::process::{Child, ChildStdout, Command};
+use wire::{holders, settings, start, BOUND};
+
+/// Exit statuses documented in the README (and `src/cli/exit.rs`).
+const CANNOT_CONNECT: i32 = 10;
+const TIMEOUT: i32 = 11;
+const DEADLOCK: i32 = 12;
+const LOCK_LOST: i32 = 13;
+const NOT_FOUND: i32 = 127;
+const BAD_USAGE: i32 = 2;
+
+/// `locksmith ARGS` as a client of the server at `url`.
+fn cli(url: &str, args: &[&str]) -> Command {
+    let mut command = binary::locksmith();
+    command.env("LOCKSMITH_URL", url).args(args);
+    let mut command = Command::from(command);
+    command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    command
+}
+
+/// Runs `locksmith ARGS` to its end: (status code, stdout, stderr).
+async fn run(url: &str, args: &[&str]) -> (i32, String, String) {
+    let output = tokio::time::timeout(BOUND, cli(url, args).output())
+        .await
+        .expect("locksmith exits in time")
+        .expect("run locksmith");
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// Waits for `child` to exit; its status code.
+async fn exit_code(child: &mut Child) -> i32 {
+    tokio::time::timeout(BOUND, child.wait())
+        .await
+        .expect("locksmith exits in time")
+        .expect("wait")
+        .code()
+        .unwrap_or(-1)
+}
+
+/// The next line `child` printed.
+async fn next_line(lines: &mut Lines<BufReader<ChildStdout>>) -> String {
+    tokio::time::timeout(BOUND, lines.next_line())
+        .await
+        .expect("a line in time")
+        .expect("read")
+        .expect("a line before the end")
+}
+
+fn stdout_lines(child: &mut Child) -> Lines<BufReader<ChildStdout>> {
+    BufReader::new(child.stdout.take().expect("piped stdout")).lines()
+}
+
+async fn connect(url: &str) -> Client {
+    tokio::time::timeout(BOUND, Client::connect(url))
+        .await
+        .expect("connect in time")
+        .expect("connect")
+}
+
+#[tokio::test]
+async fn lock_holds_the_lock_exactly_while_the_command_runs() {
+    let server = start(settings()).await;
+    let url = server.url();
+    let mut first = cli(
+        &url,
+        &[
+            "lock",
+            "job",
+            "--",
+            "sh",
+            "-c",
+            "echo started; read line; echo finished",
+        ],
+    )
+    .stdin(Stdio::piped())
+    .spawn()
+    .expect("spawn");
+    let mut first_out = stdout_lines(&mut first);
+    assert_eq!(next_line(&mut first_out).await, "started");
+    assert_eq!(
+        holders(&server.snapshot(), "job").len(),
+        1,
+        "held while CMD runs"
+    );
+
+    let probe = connect(&url).await;
+    let busy = probe.lock(&["job"], Exclusive, Some(Duration::ZERO)).await;
+    assert!(matches!(busy, Err(ClientError::Timeout { .. })), "{busy:?}");
+
+    let mut second = cli(&url, &["lock", "job", "--", "echo", "second ran"])
+        .spawn()
+        .expect("spawn");
+    server
+        .wait_for("the second lock queued behind the first", |s| {
+            s.key(&"job".into()).is_some_and(|k| k.queue.len() == 1)
+        })
+        .await;
+
+    let mut stdin = first.stdin.take().expect("piped stdin");
+    stdin.write_all(b"go\n").await.expect("let CMD finish");
+    assert_eq!(next_line(&mut first_out).await, "finished");
+    assert_eq!(exit_code(&mut first).await, 0);
+
+    let mut second_out = stdout_lines(&mut second);
+    assert_eq!(next_line(&mut second_out).await, "second ran");
+    assert_eq!(exit_code(&mut second).await, 0);
+    probe.close().await;
+    server.wait_idle().await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn lock_passes_tokens_and_session_to_the_command_and_exits_with_its_status() {
+    let server = start(settings()).await;
+    let script = r#"echo "$LOCKSMITH_TOKENS"; echo "$LOCKSMITH_SESSION"; exit 7"#;
+    let (status, stdout, stderr) =
+        run(&server.url(), &["lock", "b", "a", "--", "sh", "-c", script]).await;
+    assert_eq!(status, 7, "CMD's own status: {stderr}");
+    let mut lines = stdout.lines();
+    let tokens: serde_json::Value =
+        serde_json::from_str(lines.next().expect("tokens line")).expect("tokens are JSON");
+    assert!(
+        tokens["a"].as_u64().is_some() && tokens["b"].as_u64().is_some(),
+        "{tokens}"
+    );
+    let session = lines.next().expect("session line");
+    assert!(uuid::Uuid::parse_str(session).is_ok(), "{session:?}");
+    server.wait_idle().await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn lock_that_is_not_granted_in_time_exits_11_without_running_the_command() {
+    let server = start(settings()).await;
+    let holder = connect(&server.url()).await;
+    holder.lock(&["job"], Exclusive, None).await.expect("lock");
+    for timeout in ["0s", "100ms"] {
+        let (status, stdout, stderr) = run(
+            &server.url(),
+            &["lock", "--timeout", timeout, "job", "--", "echo", "ran"],
+        )
+        .await;
+        assert_eq!(status, TIMEOUT, "--timeout {timeout}: {stderr}");
+        assert_eq!(stdout, "", "CMD must not run");
+        assert!(stderr.starts_with("locksmith: timeout: "), "{stderr}");
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn lock_refused_as_the_victim_of_a_deadlock_exits_12() {
+    // The CLI waits for k1 (held by z), then x takes k2 and queues for k1 behind the CLI. When z
+    // lets k1 go, the CLI is granted k1 and goes on to k2, held by x, which waits for the CLI:
+    // the continuing request closes the cycle and is its victim.
+    let server = start(settings()).await;
+    let url = server.url();
+    let z = connect(&url).await;
+    let x = std::sync::Arc::new(connect(&url).await);
+    z.lock(&["k1"], Exclusive, None).await.expect("z takes k1");
+    let mut cli_lock = cli(&url, &["lock", "k1", "k2", "--", "echo", "ran"])
+        .spawn()
+        .expect("spawn");
+    server
+        .wait_for("the CLI queued on k1", |s| {
+            s.key(&"k1".into()).is_some_and(|k| k.queue.len() == 1)
+        })
+        .await;
+    x.lock(&["k2"], Exclusive, None).await.expect("x takes k2");
+    let x_waits = {
+        let x = x.clone();
+        tokio::spawn(async move { x.lock(&["k1"], Exclusive, None).await })
+    };
+    server.wait_queued(x.session_id(), "k1").await;
+    z.unlock(&["k1"]).await.expect("z lets k1 go");
+    assert_eq!(exit_code(&mut cli_lock).await, DEADLOCK);
+    let mut stderr = String::new();
+    tokio::io::AsyncReadExt::read_to_string(
+        &mut cli_lock.stderr.take().expect("stderr"),
+        &mut stderr,
+    )
+    .await
+    .expect("read stderr");
+    assert!(stderr.starts_with("locksmith: deadlock: "), "{stderr}");
+    let granted = tokio::time::timeout(BOUND, x_waits).await.expect("in time");
+    assert!(
+        granted.expect("task").is_ok(),
+        "x gets k1 once the CLI backed off"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn lock_whose_server_dies_terminates_the_command_and_exits_13() {
+    let mut server_command = binary::locksmith();
+    server_command.arg("--in-memory");
+    let server = binary::ServerProcess::start(server_command);
+    let script = "sleep 60 >/dev/null 2>&1 & p=$!; \
+                  trap 'kill $p; echo terminated; exit 0' TERM; echo started; wait $p";
+    let mut child = cli(&server.url(), &["lock", "job", "--", "sh", "-c", script])
+        .spawn()
+        .expect("spawn");
+    let mut out = stdout_lines(&mut child);
+    assert_eq!(next_line(&mut out).await, "started");
+    server.kill();
+    assert_eq!(next_line(&mut out).await, "terminated", "CMD got SIGTERM");
+    assert_eq!(exit_code(&mut child).await, LOCK_LOST);
+}
+
+#[tokio::test]
+async fn interrupting_lock_passes_the_signal_to_the_command_then_releases_the_lock() {
+    let server = start(settings()).await;
+    let script = "sleep 60 >/dev/null 2>&1 & p=$!; \
+                  trap 'kill $p; echo interrupted; exit 130' INT; echo started; wait $p";
+    let mut child = cli(&server.url(), &["lock", "job", "--", "sh", "-c", script])
+        .spawn()
+        .expect("spawn");
+    let mut out = stdout_lines(&mut child);
+    assert_eq!(next_line(&mut out).await, "started");
+    let pid = i32::try_from(child.id().expect("running")).expect("pid");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .expect("send SIGINT");
+    assert_eq!(next_line(&mut out).await, "interrupted");
+    assert_eq!(exit_code(&mut child).await, 130, "CMD's status");
+    server.wait_idle().await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn lock_without_a_server_exits_10() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let url = format!("ws://{}/ws", listener.local_addr().expect("addr"));
+    drop(listener);
+    let (status, stdout, stderr) = run(&url, &["lock", "job", "--", "echo", "ran"]).await;
+    assert_eq!(status, CANNOT_CONNECT, "{stderr}");
+    assert_eq!(stdout, "");
+    assert!(stderr.starts_with("locksmith: connect: "), "{stderr}");
+}
+
+#[tokio::test]
+async fn a_command_that_does_not_exist_exits_127_and_releases_the_lock() {
+    let server = start(settings()).await;
+    let (status, _, stderr) = run(
+        &server.url(),
+        &["lock", "job", "--", "/nonexistent/command"],
+    )
+    .await;
+    assert_eq!(status, NOT_FOUND, "{stderr}");
+    server.wait_idle().await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn bad_usage_exits_2() {
+    let server = start(settings()).await;
+    let (status, _, stderr) = run(&server.url(), &["lock", "job"]).await;
+    assert_eq!(status, BAD_USAGE, "no command after --: {stderr}");
+    let (status, _, stderr) = run(&server.url(), &["set", "k", "not json"]).await;
+    assert_eq!(status, BAD_USAGE, "{stderr}");
+    assert!(
+        stderr.contains("--string"),
+        "the message says what to do: {stderr}"
+    );
+    server.stop().await;
+}
