@@ -6,10 +6,10 @@ mod wire;
 
 use std::time::Duration;
 
+use futures_util::{SinkExt, StreamExt};
 use locksmith::client::{Client, ClientError};
 use locksmith::lock::LockMode::{Exclusive, Shared};
 use locksmith::server::ServerSettings;
-use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
 use wire::{settings, start, BOUND};
@@ -35,7 +35,11 @@ async fn calls_pipelined_from_many_tasks_on_one_client_each_get_their_own_answer
                 .await
                 .expect("write");
             let values = client.read(&[key.as_str()], false).await.expect("read");
-            assert_eq!(values[&key], json!(n), "the answer of this call, not another's");
+            assert_eq!(
+                values[&key],
+                json!(n),
+                "the answer of this call, not another's"
+            );
         }));
     }
     for task in tasks {
@@ -51,7 +55,10 @@ async fn calls_pipelined_from_many_tasks_on_one_client_each_get_their_own_answer
 async fn a_grant_carries_a_fencing_token_per_key_that_increases() {
     let server = start(settings()).await;
     let client = connect(&server.url()).await;
-    let first = client.lock(&["a", "b"], Exclusive, None).await.expect("lock");
+    let first = client
+        .lock(&["a", "b"], Exclusive, None)
+        .await
+        .expect("lock");
     client.unlock(&["a", "b"]).await.expect("unlock");
     let second = client.lock(&["a"], Shared, None).await.expect("lock");
     assert_eq!(first.tokens.len(), 2);
@@ -74,7 +81,10 @@ async fn errors_mirror_the_wire_codes_with_their_details() {
         other => panic!("expected not_held, got {other:?}"),
     }
     let unknown = b.request(json!({"command": "dance"})).await;
-    assert_eq!(unknown.map_err(|e| e.code().to_owned()), Err("unknown_command".into()));
+    assert_eq!(
+        unknown.map_err(|e| e.code().to_owned()),
+        Err("unknown_command".into())
+    );
     server.stop().await;
 }
 

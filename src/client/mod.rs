@@ -75,6 +75,7 @@ use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::{HeaderValue, StatusCode};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_util::sync::WaitForCancellationFuture;
 
 pub use answers::{
@@ -92,6 +93,9 @@ pub const DEFAULT_URL: &str = "ws://localhost:8008/ws";
 /// How often a quiet connection is pinged by default; after three intervals without a word from
 /// the server the connection counts as lost.
 pub const DEFAULT_KEEPALIVE: Duration = Duration::from_secs(5);
+
+/// Read buffer of a client's socket (tungstenite's default is 128 KiB per connection).
+const READ_BUFFER_BYTES: usize = 4 * 1024;
 
 /// How to connect: the URL plus the optional token, session name and keepalive.
 #[derive(Clone, Debug)]
@@ -147,7 +151,13 @@ impl ClientBuilder {
                 .map_err(|_| connect_error("the token is not a valid header value".into()))?;
             request.headers_mut().insert("authorization", value);
         }
-        let (socket, _) = match tokio_tungstenite::connect_async(request).await {
+        // Small buffers (answers are small; a large one grows the buffer while it is read), so a
+        // process can hold thousands of clients; no Nagle delay for pipelined requests.
+        let config = WebSocketConfig::default()
+            .read_buffer_size(READ_BUFFER_BYTES)
+            .write_buffer_size(0);
+        let connecting = tokio_tungstenite::connect_async_with_config(request, Some(config), true);
+        let (socket, _) = match connecting.await {
             Ok(connected) => connected,
             Err(tokio_tungstenite::tungstenite::Error::Http(response))
                 if response.status() == StatusCode::UNAUTHORIZED =>
