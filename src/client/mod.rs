@@ -272,6 +272,11 @@ impl Client {
     /// Takes `keys` in `mode` and keeps them: all of them, in sorted order, or none. Waits at
     /// most `timeout` (`None`: the server's `--lock-timeout`; zero: a try-lock).
     ///
+    /// Bound the wait with `timeout`, not by dropping the future: a call whose future is dropped
+    /// is still carried out by the server (it may be granted later, and the locks are then held
+    /// until `unlock` or the end of the connection). To give up a wait from elsewhere, call
+    /// [`cancel`](Self::cancel).
+    ///
     /// # Errors
     /// `Deadlock`, `Timeout`, `Cancelled`, `BadRequest`, ... as the server answers.
     pub async fn lock(
