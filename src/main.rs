@@ -31,6 +31,7 @@ async fn main() -> ExitCode {
 }
 
 async fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
+    server::refuse_open_exposure(&config)?;
     raise_open_file_limit();
     let listeners = server::bind(&config.listen).await?;
     let store: Arc<dyn Store> = if config.in_memory {
