@@ -103,8 +103,10 @@ fn presented_token(headers: &HeaderMap, uri: &Uri) -> Option<String> {
     let bearer = headers
         .get(header::AUTHORIZATION)
         .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.strip_prefix("Bearer "))
-        .map(|token| token.trim().to_owned());
+        .and_then(|value| value.trim().split_once(' '))
+        // The scheme is case-insensitive (RFC 9110, 11.1).
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim().to_owned());
     bearer.or_else(|| query_parameter(uri, "token"))
 }
 
@@ -156,6 +158,11 @@ mod tests {
             Err(Unauthorized::Wrong)
         );
         assert_eq!(check(&tokens, Some("Bearer s3cret"), "/ws"), user);
+        assert_eq!(check(&tokens, Some("bearer s3cret"), "/ws"), user);
+        assert_eq!(
+            check(&tokens, Some("Basic s3cret"), "/ws"),
+            Err(Unauthorized::Missing)
+        );
         assert_eq!(check(&tokens, None, "/ws?name=x&token=s3cret"), user);
         assert_eq!(check(&tokens, Some("Bearer r00t"), "/ws"), admin);
         assert_eq!(check(&tokens, None, "/ws?token=r00t"), admin);

@@ -997,6 +997,26 @@ mod tests {
                 }
             }
         }
+
+        /// The same for the commands of issue 9 and their fields: no panic, every rejection has
+        /// a code, and an accepted one respects its limits.
+        #[test]
+        fn decoder_survives_arbitrary_json_in_the_issue_9_commands(value in arbitrary_json(), command in prop::sample::select(vec!["delete", "keys", "hello", "locks", "sessions", "cancel", "kill"])) {
+            let mut object = Map::new();
+            object.insert("command".into(), Value::String(command.into()));
+            for field in ["keys", "hold_lock", "prefix", "after", "limit", "name", "session"] {
+                object.insert(field.into(), value.clone());
+            }
+            match decode(&Value::Object(object).to_string(), LIMITS) {
+                Ok(request) => match request.command {
+                    Command::Keys { limit, .. } => prop_assert!((1..=MAX_KEYS_LIMIT).contains(&limit)),
+                    Command::Hello { name: Some(name) } => prop_assert!(valid_name(&name).is_ok()),
+                    Command::Delete { keys, .. } => prop_assert!(!keys.is_empty()),
+                    _ => {}
+                },
+                Err((_, error)) => prop_assert!(!error.code().is_empty()),
+            }
+        }
     }
 
     fn arbitrary_json() -> impl Strategy<Value = Value> {
