@@ -84,6 +84,21 @@ pub struct Config {
         value_parser = BoolishValueParser::new()
     )]
     pub in_memory: bool,
+
+    /// Token every client must present (`Authorization: Bearer <token>` or `?token=`) to use
+    /// the server; `/healthz` stays open. Without it, anyone who can reach the port can take
+    /// locks and read and write values.
+    #[arg(long, env = "LOCKSMITH_TOKEN", hide_env_values = true)]
+    pub token: Option<crate::auth::Secret>,
+
+    /// Token that makes a connection an admin connection (it may `kill` sessions); also
+    /// accepted where `--token` is needed. Without it, `kill` is always forbidden.
+    #[arg(long, env = "LOCKSMITH_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<crate::auth::Secret>,
+
+    /// Listen on a non-loopback address without `--token` (only on a network you trust).
+    #[arg(long, env = "LOCKSMITH_INSECURE_NO_AUTH")]
+    pub insecure_no_auth: bool,
 }
 
 /// One `--listen` value, as written; [`crate::server::bind`] resolves it at start-up.

@@ -11,8 +11,15 @@
 //! answers); a send the client does not take within the idle timeout (it stopped reading) ends
 //! the connection too, so the session's locks are released either way.
 //!
+//! `cancel` does not wait its turn: it is decoded and carried out when its frame arrives. If it
+//! withdraws the request in progress (waiting for a lock), its answer is sent right after that
+//! request's `cancelled` answer, ahead of the requests queued behind; otherwise it is answered
+//! in turn.
+//!
 //! Shutdown: the request in progress and every queued one are answered `shutting_down`, then
-//! the socket is closed with code 1001 (going away).
+//! the socket is closed with code 1001 (going away). Kill: an administrator's `kill` has already
+//! released the session's locks; the request in progress and every queued one are answered
+//! `killed`, then the socket is closed with code 1008.
 //!
 //! Frames the server cannot take end the connection with the matching close code: over the size
 //! limit 1009 (after a `too_large` answer), a text frame that is not UTF-8 1007 (after a
@@ -25,13 +32,14 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
-use futures_util::SinkExt;
+use futures_util::{FutureExt, SinkExt};
 use serde_json::Value;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::protocol::{self, Limits, Reply, ServiceError};
-use crate::session::{ClientSession, SessionContext};
+use crate::lock::LockError;
+use crate::protocol::{self, Command, Limits, Reply, Request, ServiceError};
+use crate::session::{Client, ClientSession, SessionContext};
 
 /// Most requests a client may send ahead of their answers; more close the connection (1008).
 pub const MAX_PIPELINED: usize = 1024;
@@ -61,12 +69,24 @@ pub struct ConnectionSettings {
     pub idle_timeout: Option<Duration>,
 }
 
-/// A frame waiting for its turn.
+/// A frame waiting for its turn, decoded when it arrived.
 enum Incoming {
-    /// A request to decode and carry out.
-    Text(Utf8Bytes),
-    /// A frame that is answered with an error (e.g. a binary frame).
-    Rejected(ServiceError),
+    /// A request to carry out, or the error to answer it with (and its id, if it could be read).
+    Decoded(Result<Request, (Option<Value>, ServiceError)>),
+    /// A request already carried out (a `cancel` that withdrew nothing): its answer, to send in
+    /// turn.
+    Answered(String),
+}
+
+impl Incoming {
+    /// The id to echo when the request is answered without being carried out.
+    fn id(&self) -> Option<Value> {
+        match self {
+            Incoming::Decoded(Ok(request)) => request.id.clone(),
+            Incoming::Decoded(Err((id, _))) => id.clone(),
+            Incoming::Answered(_) => None,
+        }
+    }
 }
 
 type InFlight<'a> = Pin<Box<dyn Future<Output = Result<Reply, ServiceError>> + Send + 'a>>;
@@ -82,20 +102,22 @@ enum Ending {
     TooManyPipelined,
     Idle,
     Shutdown,
+    Killed,
 }
 
 /// Serves one upgraded connection until it ends. The session (and with it every lock the client
 /// held) is released before this returns.
 pub async fn serve(
     mut socket: WebSocket,
-    peer: SocketAddr,
+    client: Client,
     context: SessionContext,
     settings: ConnectionSettings,
     shutdown: CancellationToken,
 ) {
-    let session = ClientSession::open(context);
+    let peer: SocketAddr = client.peer;
+    let session = ClientSession::open(context, client);
     let id = session.id();
-    tracing::info!(session = %id, %peer, "connection opened");
+    tracing::debug!(session = %id, %peer, "connection opened");
     let mut served = 0u64;
     let ending = run(&mut socket, &session, settings, &shutdown, &mut served).await;
     drop(session);
@@ -106,7 +128,7 @@ pub async fn serve(
         Ending::ProtocolViolation(error) => {
             tracing::warn!(session = %id, %peer, served, error = %error, "WebSocket protocol violation")
         }
-        _ => tracing::info!(session = %id, %peer, served, reason = ?ending, "connection closed"),
+        _ => tracing::debug!(session = %id, %peer, served, reason = ?ending, "connection closed"),
     }
 }
 
@@ -137,6 +159,9 @@ async fn run(
 ) -> Ending {
     let mut queued: VecDeque<Incoming> = VecDeque::new();
     let mut in_flight: Option<(Option<Value>, InFlight<'_>)> = None;
+    // Answers of `cancel`s that withdrew the request in flight: sent right after its answer.
+    let mut after_in_flight: Vec<String> = Vec::new();
+    let killed = session.killed();
     let mut last_heard = Instant::now();
     // Last time we heard from the client or pinged it: the keepalive acts after `tick` of this.
     let mut last_poke = last_heard;
@@ -148,14 +173,21 @@ async fn run(
     let send_limit = settings.idle_timeout;
     let close_limit = settings.idle_timeout.unwrap_or(CLOSE_SEND_LIMIT);
     loop {
-        // Start the next request, answering at once the ones that fail to decode.
-        while in_flight.is_none() {
+        // Start the next request, answering at once the ones that fail to decode. A killed
+        // session starts nothing more.
+        while in_flight.is_none() && !killed.is_cancelled() {
             let Some(next) = queued.pop_front() else {
                 break;
             };
             let decoded = match next {
-                Incoming::Text(text) => protocol::decode(text.as_str(), settings.limits),
-                Incoming::Rejected(error) => Err((None, error)),
+                Incoming::Decoded(decoded) => decoded,
+                Incoming::Answered(text) => {
+                    *served += 1;
+                    if let Err(error) = send(socket, Message::Text(text.into()), send_limit).await {
+                        return Ending::Broken(error);
+                    }
+                    continue;
+                }
             };
             match decoded {
                 Ok(request) => {
@@ -182,14 +214,8 @@ async fn run(
         tokio::select! {
             biased;
             () = shutdown.cancelled() => {
-                let mut ids: Vec<Option<Value>> = in_flight.take().map(|(id, _)| id).into_iter().collect();
-                ids.extend(queued.drain(..).map(|incoming| match incoming {
-                    Incoming::Text(text) => protocol::decode(text.as_str(), settings.limits)
-                        .map_or_else(|(id, _)| id, |request| request.id),
-                    Incoming::Rejected(_) => None,
-                }));
-                for id in ids {
-                    let text = protocol::encode_error(id.as_ref(), &ServiceError::ShuttingDown);
+                let answers = refuse_all(in_flight.take(), &mut after_in_flight, &mut queued, &ServiceError::ShuttingDown);
+                for text in answers {
                     if send(socket, Message::Text(text.into()), Some(close_limit)).await.is_err() {
                         return Ending::Shutdown;
                     }
@@ -200,13 +226,35 @@ async fn run(
             result = async { match in_flight.as_mut() { Some((_, future)) => future.await, None => std::future::pending().await } }, if in_flight.is_some() => {
                 let id = in_flight.take().and_then(|(id, _)| id);
                 *served += 1;
+                // The kill closed the session under the request: say why it failed.
+                let result = match result {
+                    Err(ServiceError::Lock(LockError::SessionClosed)) if killed.is_cancelled() => Err(ServiceError::Killed),
+                    other => other,
+                };
                 let text = match &result {
                     Ok(reply) => protocol::encode_reply(id.as_ref(), reply),
                     Err(error) => protocol::encode_error(id.as_ref(), error),
                 };
-                if let Err(error) = send(socket, Message::Text(text.into()), send_limit).await {
-                    return Ending::Broken(error);
+                for text in std::iter::once(text).chain(after_in_flight.drain(..)) {
+                    if let Err(error) = send(socket, Message::Text(text.into()), send_limit).await {
+                        return Ending::Broken(error);
+                    }
                 }
+            }
+            () = killed.cancelled() => {
+                // Requests the client sent before the kill and that are already readable count as
+                // queued: they are answered `killed` too, not dropped unanswered.
+                while let Some(Some(Ok(Message::Text(text)))) = socket.recv().now_or_never() {
+                    queued.push_back(Incoming::Decoded(protocol::decode(text.as_str(), settings.limits)));
+                }
+                let answers = refuse_all(in_flight.take(), &mut after_in_flight, &mut queued, &ServiceError::Killed);
+                for text in answers {
+                    if send(socket, Message::Text(text.into()), Some(close_limit)).await.is_err() {
+                        return Ending::Killed;
+                    }
+                }
+                close(socket, close_code::POLICY, "killed by an administrator", close_limit).await;
+                return Ending::Killed;
             }
             frame = socket.recv() => {
                 last_heard = Instant::now();
@@ -224,11 +272,23 @@ async fn run(
                             close(socket, close_code::POLICY, "too many pipelined requests", close_limit).await;
                             return Ending::TooManyPipelined;
                         }
-                        queued.push_back(Incoming::Text(text));
+                        let decoded = protocol::decode(text.as_str(), settings.limits);
+                        match decoded {
+                            Ok(Request { command: Command::Cancel, id, .. }) => {
+                                let withdrawn = in_flight.is_some() && session.cancel_wait();
+                                let answer = protocol::encode_reply(id.as_ref(), &Reply::Cancelled(withdrawn));
+                                if withdrawn {
+                                    after_in_flight.push(answer);
+                                } else {
+                                    queued.push_back(Incoming::Answered(answer));
+                                }
+                            }
+                            decoded => queued.push_back(Incoming::Decoded(decoded)),
+                        }
                     }
-                    Some(Ok(Message::Binary(_))) => queued.push_back(Incoming::Rejected(
+                    Some(Ok(Message::Binary(_))) => queued.push_back(Incoming::Decoded(Err((None,
                         ServiceError::BadRequest("binary frames are not supported: send JSON in a text frame".into()),
-                    )),
+                    )))),
                     Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
                     Some(Err(error)) => match classify(&error) {
                         ReadError::TooLarge => {
@@ -266,6 +326,27 @@ async fn run(
             }
         }
     }
+}
+
+/// The answers owed when the connection ends early (shutdown, kill): `error` for the request in
+/// flight, then the answers of `cancel`s that withdrew it, then, in order, `error` for every
+/// queued request (a queued request already carried out keeps its answer).
+fn refuse_all(
+    in_flight: Option<(Option<Value>, InFlight<'_>)>,
+    after_in_flight: &mut Vec<String>,
+    queued: &mut VecDeque<Incoming>,
+    error: &ServiceError,
+) -> Vec<String> {
+    let mut answers: Vec<String> = in_flight
+        .map(|(id, _)| protocol::encode_error(id.as_ref(), error))
+        .into_iter()
+        .collect();
+    answers.append(after_in_flight);
+    answers.extend(queued.drain(..).map(|incoming| match incoming {
+        Incoming::Answered(text) => text,
+        other => protocol::encode_error(other.id().as_ref(), error),
+    }));
+    answers
 }
 
 /// What a read error says about the client.

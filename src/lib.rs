@@ -5,17 +5,25 @@
 //! - [`connection`]: one WebSocket: frames in, responses out, in order; keepalive.
 //! - [`protocol`]: the JSON request/response format and its validation (no I/O).
 //! - [`session`]: one client session: carries out requests with the lock manager and the store.
+//! - [`registry`]: the directory of open sessions (names, peers, admin flag, the kill handle).
 //! - [`lock`]: the lock manager (lock table, queues, waits-for graph, deadlock detection). Knows
 //!   nothing of the network.
 //! - [`store`]: where values live, behind the [`store::Store`] trait.
 //! - [`config`]: command-line and environment configuration.
+//! - [`auth`]: the `--token` / `--admin-token` checks (constant time; tokens never logged).
+//! - [`log_limit`]: a rate limit for log lines that come in storms (deadlocks).
+//! - [`client`]: the typed async client of the protocol (the other side of the wire).
+//! - [`cli`]: the `locksmith` command line: `serve` and the client commands, built on [`client`].
 
+pub mod auth;
 pub mod cli;
 pub mod client;
 pub mod config;
 pub mod connection;
 pub mod lock;
+pub mod log_limit;
 pub mod protocol;
+pub mod registry;
 pub mod server;
 pub mod session;
 pub mod store;

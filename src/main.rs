@@ -40,6 +40,11 @@ async fn main() -> ExitCode {
 async fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     raise_open_file_limit();
     let listeners = server::bind(&config.listen).await?;
+    let bound = listeners
+        .iter()
+        .map(tokio::net::TcpListener::local_addr)
+        .collect::<Result<Vec<_>, _>>()?;
+    server::refuse_open_exposure(&config, &bound)?;
     let store: Arc<dyn Store> = if config.in_memory {
         tracing::info!("values are kept in memory only (--in-memory): they are lost on exit");
         Arc::new(MemoryStore::new())

@@ -10,16 +10,30 @@
 //! duplicate keys, key count and length, value counts) before anything is locked, so an invalid
 //! request never has a partial effect.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Map, Value};
 
+use uuid::Uuid;
+
 use crate::lock::{CycleMember, FencingToken, Key, LockError, LockMode, SessionId, Snapshot};
-use crate::store::StoreError;
+use crate::store::{KeysPage, StoreError};
 
 /// Longest key accepted, in bytes.
 pub const MAX_KEY_BYTES: usize = 1024;
+
+/// Longest session name accepted, in bytes.
+pub const MAX_NAME_BYTES: usize = 128;
+
+/// Keys a `keys` page lists when the request gives no `limit`.
+pub const DEFAULT_KEYS_LIMIT: usize = 1000;
+
+/// Most keys one `keys` page may list.
+pub const MAX_KEYS_LIMIT: usize = 10_000;
+
+/// The server's version, in the `hello` answer.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// What `decode` needs to know about the server's limits.
 #[derive(Clone, Copy, Debug)]
@@ -55,12 +69,29 @@ pub enum Command {
         values: Vec<Value>,
         hold_lock: bool,
     },
+    /// Like `Write`, but removes the keys (under the same exclusive locks).
+    Delete { keys: Vec<Key>, hold_lock: bool },
     /// Liveness check.
     Ping,
-    /// The lock table snapshot.
-    Locks,
+    /// The lock table snapshot, of the keys starting with `prefix` if one is given.
+    Locks { prefix: Option<String> },
     /// This connection's session id.
     Session,
+    /// Names the session (when `name` is given) and answers its id and the server's version.
+    Hello { name: Option<String> },
+    /// Every open session.
+    Sessions,
+    /// A page of the keys that have a value: starting with `prefix`, after `after`, at most
+    /// `limit`. Takes no locks.
+    Keys {
+        prefix: String,
+        after: Option<String>,
+        limit: usize,
+    },
+    /// Withdraws this session's lock wait. Carried out when its frame arrives, not in turn.
+    Cancel,
+    /// Ends another session (admin connections only).
+    Kill { session: SessionId },
 }
 
 /// Why a request failed, as sent on the wire. Every variant has a stable [`code`](Self::code).
@@ -98,6 +129,66 @@ pub enum ServiceError {
     /// The value store failed; nothing was written.
     #[error(transparent)]
     Storage(#[from] StoreError),
+    /// A deadlock, with the names of the cycle's members that have one (the lock manager knows
+    /// no names; the session adds them).
+    #[error("deadlock: {}", describe_named_cycle(cycle))]
+    Deadlock {
+        /// The cycle, starting with the requester.
+        cycle: Vec<NamedMember>,
+    },
+    /// An administrator killed this session: the request was not carried out (or its effect
+    /// was undone with the session's locks).
+    #[error("killed by an administrator")]
+    Killed,
+    /// The connection may not do this (e.g. `kill` without the admin token).
+    #[error("forbidden: {0}")]
+    Forbidden(String),
+    /// What the request names does not exist (e.g. `kill` of a session that is not open).
+    #[error("not found: {0}")]
+    NotFound(String),
+}
+
+/// A member of a deadlock cycle with its session's name, if it has one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NamedMember {
+    /// The member as the lock manager reported it.
+    pub member: CycleMember,
+    /// Its session's name (`hello` or `?name=`), if set.
+    pub name: Option<String>,
+}
+
+fn describe_named_cycle(cycle: &[NamedMember]) -> String {
+    cycle
+        .iter()
+        .map(|m| match &m.name {
+            Some(name) => format!(
+                "session {} ({name}) waits for key {}",
+                m.member.session, m.member.waiting_for_key
+            ),
+            None => format!(
+                "session {} waits for key {}",
+                m.member.session, m.member.waiting_for_key
+            ),
+        })
+        .collect::<Vec<_>>()
+        .join(" -> ")
+}
+
+/// One open session, as `sessions` lists it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SessionInfo {
+    /// Its id.
+    pub session: SessionId,
+    /// Its name, if set.
+    pub name: Option<String>,
+    /// The client's address.
+    pub peer: std::net::SocketAddr,
+    /// How long it has been connected, in milliseconds.
+    pub connected_ms: u64,
+    /// How many keys it holds.
+    pub held: usize,
+    /// The key its request waits on, if it waits.
+    pub waiting_for: Option<Key>,
 }
 
 impl ServiceError {
@@ -114,6 +205,10 @@ impl ServiceError {
             ServiceError::Lock(LockError::InvalidRequest { .. }) => "bad_request",
             ServiceError::Lock(error) => error.code(),
             ServiceError::Storage(error) => error.code(),
+            ServiceError::Deadlock { .. } => "deadlock",
+            ServiceError::Killed => "killed",
+            ServiceError::Forbidden(_) => "forbidden",
+            ServiceError::NotFound(_) => "not_found",
         }
     }
 
@@ -139,11 +234,34 @@ pub enum Reply {
     Locks {
         /// The snapshot.
         snapshot: Snapshot,
-        /// When it was taken (to report how long each waiter has waited).
+        /// When it was taken (to report how long each waiter has waited and each holder held).
         taken_at: Instant,
         /// Open sessions.
         sessions: usize,
+        /// The names of the sessions that have one.
+        names: HashMap<SessionId, String>,
     },
+    /// The answer to `hello`: the session id, its name if set, and the server's version.
+    Hello {
+        /// The session id.
+        session: SessionId,
+        /// Its name, if set.
+        name: Option<String>,
+    },
+    /// Every open session, sorted by id.
+    Sessions(Vec<SessionInfo>),
+    /// Keys deleted, with the fencing tokens of the exclusive locks they were deleted under, and
+    /// how many of them had a value.
+    Deleted {
+        /// The tokens, sorted by key.
+        tokens: Vec<(Key, FencingToken)>,
+        /// How many of the keys had a value.
+        deleted: usize,
+    },
+    /// A page of keys.
+    Keys(KeysPage),
+    /// The answer to `cancel`: whether a waiting request was withdrawn.
+    Cancelled(bool),
 }
 
 /// Decodes one text frame.
@@ -199,9 +317,30 @@ fn decode_object(object: &Map<String, Value>, limits: Limits) -> Result<Request,
                 hold_lock: hold_lock(object)?,
             }
         }
+        "delete" => Command::Delete {
+            keys: keys(object, limits)?,
+            hold_lock: hold_lock(object)?,
+        },
         "ping" => Command::Ping,
-        "locks" => Command::Locks,
+        "locks" => Command::Locks {
+            prefix: optional_string(object, "prefix")?,
+        },
         "session" => Command::Session,
+        "hello" => Command::Hello {
+            name: optional_string(object, "name")?
+                .map(|name| valid_name(&name).map(|()| name))
+                .transpose()?,
+        },
+        "sessions" => Command::Sessions,
+        "keys" => Command::Keys {
+            prefix: optional_string(object, "prefix")?.unwrap_or_default(),
+            after: optional_string(object, "after")?,
+            limit: keys_limit(object)?,
+        },
+        "cancel" => Command::Cancel,
+        "kill" => Command::Kill {
+            session: session_id(object)?,
+        },
         other => return Err(ServiceError::UnknownCommand(other.to_owned())),
     };
     Ok(Request {
@@ -250,6 +389,61 @@ fn keys(object: &Map<String, Value>, limits: Limits) -> Result<Vec<Key>, Service
     Ok(keys)
 }
 
+/// Is `name` a valid session name: 1..=[`MAX_NAME_BYTES`] bytes without control characters?
+///
+/// # Errors
+/// `bad_request` saying what is wrong.
+pub fn valid_name(name: &str) -> Result<(), ServiceError> {
+    if name.is_empty() || name.len() > MAX_NAME_BYTES {
+        return Err(ServiceError::bad(format!(
+            "a session name must be 1 to {MAX_NAME_BYTES} bytes"
+        )));
+    }
+    if name.chars().any(char::is_control) {
+        return Err(ServiceError::bad(
+            "a session name must not contain control characters",
+        ));
+    }
+    Ok(())
+}
+
+/// An optional string field (`null` counts as absent).
+fn optional_string(
+    object: &Map<String, Value>,
+    field: &str,
+) -> Result<Option<String>, ServiceError> {
+    match object.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(text)) => Ok(Some(text.clone())),
+        Some(_) => Err(ServiceError::bad(format!("`{field}` must be a string"))),
+    }
+}
+
+/// `limit` of `keys`: 1..=[`MAX_KEYS_LIMIT`], default [`DEFAULT_KEYS_LIMIT`].
+fn keys_limit(object: &Map<String, Value>) -> Result<usize, ServiceError> {
+    let limit = match object.get("limit") {
+        None | Some(Value::Null) => return Ok(DEFAULT_KEYS_LIMIT),
+        Some(value) => value.as_u64(),
+    };
+    match limit {
+        Some(limit) if (1..=MAX_KEYS_LIMIT as u64).contains(&limit) => Ok(limit as usize),
+        _ => Err(ServiceError::bad(format!(
+            "`limit` must be an integer from 1 to {MAX_KEYS_LIMIT}"
+        ))),
+    }
+}
+
+/// `session` of `kill`: a session id (a uuid string).
+fn session_id(object: &Map<String, Value>) -> Result<SessionId, ServiceError> {
+    match object.get("session") {
+        Some(Value::String(text)) => Uuid::parse_str(text)
+            .map(SessionId)
+            .map_err(|_| ServiceError::bad(format!("`session` is not a session id: {text:?}"))),
+        Some(_) => Err(ServiceError::bad("`session` must be a session id string")),
+        None => Err(ServiceError::bad("missing field `session`")),
+    }
+}
+
 /// `mode`: `"read"` or `"write"`, default `"write"`.
 fn mode(object: &Map<String, Value>) -> Result<LockMode, ServiceError> {
     match object.get("mode") {
@@ -287,7 +481,7 @@ fn write_values(object: &Map<String, Value>, key_count: usize) -> Result<Vec<Val
                 "with several keys, `value` must be an array of one value per key",
             ))
         }
-        (None, None) => return Err(ServiceError::bad("missing field `values`")),
+        (None, None) => return Err(ServiceError::bad("missing field `values` (or `value`)")),
     };
     if values.len() != key_count {
         return Err(ServiceError::bad(format!(
@@ -324,8 +518,9 @@ pub fn encode_reply(id: Option<&Value>, reply: &Reply) -> String {
             snapshot,
             taken_at,
             sessions,
+            names,
         } => {
-            object.insert("locks".into(), locks_array(snapshot, *taken_at));
+            object.insert("locks".into(), locks_array(snapshot, *taken_at, names));
             let edges: Vec<Value> = snapshot
                 .waits_for
                 .iter()
@@ -336,8 +531,52 @@ pub fn encode_reply(id: Option<&Value>, reply: &Reply) -> String {
             object.insert("waits_for".into(), Value::Array(edges));
             object.insert("sessions".into(), json!(sessions));
         }
+        Reply::Hello { session, name } => {
+            object.insert("session".into(), Value::String(session.to_string()));
+            if let Some(name) = name {
+                object.insert("name".into(), Value::String(name.clone()));
+            }
+            object.insert("version".into(), Value::String(VERSION.into()));
+        }
+        Reply::Sessions(sessions) => {
+            let sessions = sessions.iter().map(session_object).collect();
+            object.insert("sessions".into(), Value::Array(sessions));
+        }
+        Reply::Deleted { tokens, deleted } => {
+            object.insert("tokens".into(), tokens_object(tokens));
+            object.insert("deleted".into(), json!(deleted));
+        }
+        Reply::Keys(page) => {
+            let keys = page.keys.iter().map(|k| Value::String(k.clone())).collect();
+            object.insert("keys".into(), Value::Array(keys));
+            let next = match (page.more, page.keys.last()) {
+                (true, Some(last)) => Value::String(last.clone()),
+                _ => Value::Null,
+            };
+            object.insert("next".into(), next);
+        }
+        Reply::Cancelled(cancelled) => {
+            object.insert("cancelled".into(), Value::Bool(*cancelled));
+        }
     }
     finish(object, id)
+}
+
+fn session_object(info: &SessionInfo) -> Value {
+    let mut object = Map::new();
+    object.insert("session".into(), Value::String(info.session.to_string()));
+    if let Some(name) = &info.name {
+        object.insert("name".into(), Value::String(name.clone()));
+    }
+    object.insert("peer".into(), Value::String(info.peer.to_string()));
+    object.insert("connected_ms".into(), json!(info.connected_ms));
+    object.insert("held".into(), json!(info.held));
+    let waiting = info
+        .waiting_for
+        .as_ref()
+        .map_or(Value::Null, |k| Value::String(k.to_string()));
+    object.insert("waiting_for".into(), waiting);
+    Value::Object(object)
 }
 
 /// Encodes an error answer: `success: false`, a human `error`, the stable `code`, and the
@@ -350,6 +589,9 @@ pub fn encode_error(id: Option<&Value>, error: &ServiceError) -> String {
     match error {
         ServiceError::Lock(LockError::Deadlock { cycle }) => {
             object.insert("cycle".into(), cycle_array(cycle));
+        }
+        ServiceError::Deadlock { cycle } => {
+            object.insert("cycle".into(), named_cycle_array(cycle));
         }
         ServiceError::Lock(LockError::NotHeld { keys }) => {
             let keys = keys.iter().map(|k| Value::String(k.to_string())).collect();
@@ -375,6 +617,25 @@ pub fn cycle_array(cycle: &[CycleMember]) -> Value {
     )
 }
 
+/// The `cycle` of a deadlock answer with names: each member gains `"name"` when it has one.
+pub fn named_cycle_array(cycle: &[NamedMember]) -> Value {
+    Value::Array(
+        cycle
+            .iter()
+            .map(|m| {
+                let mut member = json!({
+                    "session": m.member.session.to_string(),
+                    "waiting_for_key": m.member.waiting_for_key.as_str(),
+                });
+                if let (Some(name), Value::Object(fields)) = (&m.name, &mut member) {
+                    fields.insert("name".into(), Value::String(name.clone()));
+                }
+                member
+            })
+            .collect(),
+    )
+}
+
 fn tokens_object(tokens: &[(Key, FencingToken)]) -> Value {
     Value::Object(
         tokens
@@ -391,7 +652,23 @@ fn mode_name(mode: LockMode) -> &'static str {
     }
 }
 
-fn locks_array(snapshot: &Snapshot, taken_at: Instant) -> Value {
+/// Adds `"name"` to a holder or waiter object when its session has one.
+fn with_name(mut entry: Value, session: SessionId, names: &HashMap<SessionId, String>) -> Value {
+    if let (Some(name), Value::Object(fields)) = (names.get(&session), &mut entry) {
+        fields.insert("name".into(), Value::String(name.clone()));
+    }
+    entry
+}
+
+fn millis_between(earlier: Instant, later: Instant) -> u64 {
+    u64::try_from(later.saturating_duration_since(earlier).as_millis()).unwrap_or(u64::MAX)
+}
+
+fn locks_array(
+    snapshot: &Snapshot,
+    taken_at: Instant,
+    names: &HashMap<SessionId, String>,
+) -> Value {
     Value::Array(
         snapshot
             .keys
@@ -401,19 +678,26 @@ fn locks_array(snapshot: &Snapshot, taken_at: Instant) -> Value {
                     .holders
                     .iter()
                     .map(|h| {
-                        json!({"session": h.session.to_string(), "mode": mode_name(h.mode), "token": h.token.0})
+                        let holder = json!({
+                            "session": h.session.to_string(),
+                            "mode": mode_name(h.mode),
+                            "token": h.token.0,
+                            "held_ms": millis_between(h.since, taken_at),
+                        });
+                        with_name(holder, h.session, names)
                     })
                     .collect();
                 let waiters: Vec<Value> = key
                     .queue
                     .iter()
                     .map(|w| {
-                        json!({
+                        let waiter = json!({
                             "session": w.session.to_string(),
                             "mode": mode_name(w.mode),
                             "upgrade": w.upgrade,
-                            "waiting_ms": taken_at.saturating_duration_since(w.since).as_millis() as u64,
-                        })
+                            "waiting_ms": millis_between(w.since, taken_at),
+                        });
+                        with_name(waiter, w.session, names)
                     })
                     .collect();
                 json!({"key": key.key.as_str(), "holders": holders, "waiters": waiters})
@@ -544,6 +828,136 @@ mod tests {
     }
 
     #[test]
+    fn every_variant_has_its_documented_code() {
+        let member = CycleMember {
+            session: SessionId::from_u128(1),
+            waiting_for_key: "k".into(),
+        };
+        let cases = [
+            (ServiceError::bad("x"), "bad_request"),
+            (ServiceError::UnknownCommand("x".into()), "unknown_command"),
+            (ServiceError::TooLarge { limit: 1 }, "too_large"),
+            (
+                ServiceError::TooManyKeys { count: 2, limit: 1 },
+                "too_many_keys",
+            ),
+            (ServiceError::ServerBusy, "server_busy"),
+            (ServiceError::ShuttingDown, "shutting_down"),
+            (ServiceError::Lock(LockError::Cancelled), "cancelled"),
+            (
+                ServiceError::Lock(LockError::InvalidRequest { reason: "x".into() }),
+                "bad_request",
+            ),
+            (
+                ServiceError::Storage(StoreError::Storage("x".into())),
+                "storage_error",
+            ),
+            (
+                ServiceError::Deadlock {
+                    cycle: vec![NamedMember { member, name: None }],
+                },
+                "deadlock",
+            ),
+            (ServiceError::Killed, "killed"),
+            (ServiceError::Forbidden("x".into()), "forbidden"),
+            (ServiceError::NotFound("x".into()), "not_found"),
+        ];
+        for (error, code) in cases {
+            assert_eq!(error.code(), code, "{error}");
+        }
+    }
+
+    #[test]
+    fn a_deadlock_sentence_names_the_members_that_have_a_name() {
+        let member = |n: u128, key: &str| CycleMember {
+            session: SessionId::from_u128(n),
+            waiting_for_key: key.into(),
+        };
+        let error = ServiceError::Deadlock {
+            cycle: vec![
+                NamedMember {
+                    member: member(1, "k1"),
+                    name: Some("backup".into()),
+                },
+                NamedMember {
+                    member: member(2, "k2"),
+                    name: None,
+                },
+            ],
+        };
+        let text = encode_error(None, &error);
+        let value: Value = serde_json::from_str(&text).expect("json");
+        let (one, two) = (SessionId::from_u128(1), SessionId::from_u128(2));
+        assert_eq!(
+            value["error"],
+            json!(format!(
+                "deadlock: session {one} (backup) waits for key k1 -> session {two} waits for key k2"
+            ))
+        );
+        assert_eq!(value["cycle"][0]["name"], json!("backup"));
+        assert!(value["cycle"][1].get("name").is_none());
+    }
+
+    #[test]
+    fn names_must_be_1_to_128_bytes_without_control_characters() {
+        assert!(valid_name("backup").is_ok());
+        assert!(valid_name(&"é".repeat(64)).is_ok());
+        assert!(valid_name("").is_err());
+        assert!(valid_name(&"n".repeat(MAX_NAME_BYTES + 1)).is_err());
+        assert!(valid_name("a\nb").is_err());
+        assert_eq!(
+            decode_code(r#"{"command":"hello","name":"a\u0007"}"#),
+            "bad_request"
+        );
+        assert_eq!(
+            decode_code(r#"{"command":"hello","name":5}"#),
+            "bad_request"
+        );
+    }
+
+    #[test]
+    fn keys_limit_defaults_to_1000_and_may_not_exceed_10000() {
+        let request = decode_ok(r#"{"command":"keys"}"#);
+        assert_eq!(
+            request.command,
+            Command::Keys {
+                prefix: String::new(),
+                after: None,
+                limit: DEFAULT_KEYS_LIMIT
+            }
+        );
+        assert!(decode(r#"{"command":"keys","limit":10000}"#, LIMITS).is_ok());
+        assert_eq!(
+            decode_code(r#"{"command":"keys","limit":10001}"#),
+            "bad_request"
+        );
+        assert_eq!(
+            decode_code(r#"{"command":"keys","limit":0}"#),
+            "bad_request"
+        );
+    }
+
+    #[test]
+    fn kill_needs_a_session_id() {
+        assert_eq!(
+            decode_code(r#"{"command":"kill","session":"nope"}"#),
+            "bad_request"
+        );
+        assert_eq!(decode_code(r#"{"command":"kill"}"#), "bad_request");
+    }
+
+    #[test]
+    fn a_write_without_values_names_both_forms() {
+        let Err((_, error)) = decode(r#"{"command":"write","keys":["a"]}"#, LIMITS) else {
+            panic!("decoded");
+        };
+        assert_eq!(
+            error.to_string(),
+            "bad request: missing field `values` (or `value`)"
+        );
+    }
+
+    #[test]
     fn error_answers_carry_success_false_error_and_code() {
         let text = encode_error(Some(&json!("x")), &ServiceError::ShuttingDown);
         let value: Value = serde_json::from_str(&text).expect("json");
@@ -581,6 +995,26 @@ mod tests {
                     }
                     Err((_, error)) => prop_assert!(!error.code().is_empty()),
                 }
+            }
+        }
+
+        /// The same for the commands of issue 9 and their fields: no panic, every rejection has
+        /// a code, and an accepted one respects its limits.
+        #[test]
+        fn decoder_survives_arbitrary_json_in_the_issue_9_commands(value in arbitrary_json(), command in prop::sample::select(vec!["delete", "keys", "hello", "locks", "sessions", "cancel", "kill"])) {
+            let mut object = Map::new();
+            object.insert("command".into(), Value::String(command.into()));
+            for field in ["keys", "hold_lock", "prefix", "after", "limit", "name", "session"] {
+                object.insert(field.into(), value.clone());
+            }
+            match decode(&Value::Object(object).to_string(), LIMITS) {
+                Ok(request) => match request.command {
+                    Command::Keys { limit, .. } => prop_assert!((1..=MAX_KEYS_LIMIT).contains(&limit)),
+                    Command::Hello { name: Some(name) } => prop_assert!(valid_name(&name).is_ok()),
+                    Command::Delete { keys, .. } => prop_assert!(!keys.is_empty()),
+                    _ => {}
+                },
+                Err((_, error)) => prop_assert!(!error.code().is_empty()),
             }
         }
     }

@@ -7,6 +7,11 @@
 //! connection semaphore is taken before the upgrade and held by the connection task; without a
 //! permit the client gets one `server_busy` answer and a close.
 //!
+//! Tokens ([`crate::auth`]): with `--token`, every route but `/healthz` first checks the token
+//! the request presents and answers 401 without it, before any upgrade; the admin token makes the
+//! connection an admin connection. `?name=` on the upgrade URL names the session (400 if the name
+//! is invalid). Request URLs are never logged: they may carry `?token=`.
+//!
 //! Shutdown: cancelling the token stops the listeners; every connection task sees it, answers
 //! `shutting_down` and closes its socket; [`RunningServer::shutdown`] returns once every
 //! connection task has finished. axum's own graceful shutdown does not wait for upgraded
@@ -18,11 +23,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ws::WebSocketUpgrade;
-use axum::extract::{ConnectInfo, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{header, HeaderMap, StatusCode, Uri};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::serve::ListenerExt;
+use axum::Extension;
 use axum::Router;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -30,11 +37,14 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::auth::{self, Access, Secret, Tokens};
 use crate::config::{Config, ListenAddr, DEFAULT_LISTEN, LOOPBACK};
 use crate::connection::{self, ConnectionSettings};
 use crate::lock::{LockManager, LockManagerConfig};
-use crate::protocol::Limits;
-use crate::session::SessionContext;
+use crate::log_limit::{LogLimit, DEADLOCK_LOG_INTERVAL};
+use crate::protocol::{self, Limits};
+use crate::registry::Registry;
+use crate::session::{Client, SessionContext};
 use crate::store::Store;
 
 /// Read buffer of one WebSocket. Requests are small; a large one grows the buffer while it is
@@ -65,6 +75,10 @@ pub struct ServerSettings {
     /// Every fencing token handed out is larger than this. The binary passes its start time in
     /// microseconds since the Unix epoch, so tokens keep increasing across restarts.
     pub token_floor: u64,
+    /// Token every request but `/healthz` must present (`None`: none needed).
+    pub token: Option<Secret>,
+    /// Token that makes a connection an admin connection (may `kill`).
+    pub admin_token: Option<Secret>,
 }
 
 impl Default for ServerSettings {
@@ -77,6 +91,8 @@ impl Default for ServerSettings {
             idle_timeout: Some(Duration::from_secs(60)),
             allowed_origins: Vec::new(),
             token_floor: 0,
+            token: None,
+            admin_token: None,
         }
     }
 }
@@ -91,6 +107,8 @@ impl From<&Config> for ServerSettings {
             idle_timeout: (!config.idle_timeout.is_zero()).then_some(config.idle_timeout),
             allowed_origins: config.allowed_origins.clone(),
             token_floor: 0,
+            token: config.token.clone(),
+            admin_token: config.admin_token.clone(),
         }
     }
 }
@@ -102,6 +120,8 @@ struct AppState {
     /// One permit per open WebSocket connection.
     connections: Arc<Semaphore>,
     allowed_origins: Vec<String>,
+    /// The tokens checked before every route but `/healthz`.
+    tokens: Tokens,
     shutdown: CancellationToken,
     /// Every connection task, so shutdown can wait for them.
     tracker: TaskTracker,
@@ -114,6 +134,34 @@ pub struct RunningServer {
     shutdown: CancellationToken,
     tracker: TaskTracker,
     listeners: JoinSet<io::Result<()>>,
+}
+
+/// Why the server refuses to start on the addresses it was given.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "refusing to listen on {addr} without --token: anyone who can reach it could take and \
+     release locks and read, write and delete values. Set --token (or LOCKSMITH_TOKEN), listen \
+     on a loopback address, or pass --insecure-no-auth if the network is trusted"
+)]
+pub struct OpenExposure {
+    /// The first non-loopback address.
+    pub addr: SocketAddr,
+}
+
+/// Refuses a configuration that would serve a non-loopback address to anyone: no `--token` and
+/// no `--insecure-no-auth`. It looks at the addresses actually bound, so a host name is judged by
+/// what it resolved to (`localhost` is loopback, `0.0.0.0` is not).
+///
+/// # Errors
+/// [`OpenExposure`] naming the first non-loopback address.
+pub fn refuse_open_exposure(config: &Config, bound: &[SocketAddr]) -> Result<(), OpenExposure> {
+    if config.token.is_some() || config.insecure_no_auth {
+        return Ok(());
+    }
+    match bound.iter().find(|addr| !addr.ip().is_loopback()) {
+        Some(&addr) => Err(OpenExposure { addr }),
+        None => Ok(()),
+    }
 }
 
 /// Why the server cannot listen where it was asked to.
@@ -289,6 +337,8 @@ pub fn start(
             locks: locks.clone(),
             store,
             default_timeout: settings.lock_timeout,
+            registry: Registry::new(),
+            deadlock_log: Arc::new(std::sync::Mutex::new(LogLimit::new(DEADLOCK_LOG_INTERVAL))),
         },
         connection: ConnectionSettings {
             limits: Limits {
@@ -299,11 +349,18 @@ pub fn start(
         },
         connections: Arc::new(Semaphore::new(settings.max_connections)),
         allowed_origins: settings.allowed_origins.clone(),
+        tokens: Tokens {
+            token: settings.token.clone(),
+            admin_token: settings.admin_token.clone(),
+        },
         shutdown: shutdown.clone(),
         tracker: tracker.clone(),
     });
+    // Routes added before the layer need the token; `/healthz`, added after, does not.
     let app = Router::new()
         .route("/ws", get(upgrade))
+        .fallback(|| async { (StatusCode::NOT_FOUND, "not found") })
+        .layer(middleware::from_fn_with_state(state.clone(), require_token))
         .route("/healthz", get(|| async { "ok" }))
         .with_state(state);
     let mut addrs = Vec::with_capacity(listeners.len());
@@ -386,15 +443,48 @@ impl RunningServer {
     }
 }
 
+/// Checks the request's token (401 without the right one) and passes on what it may do.
+async fn require_token(
+    State(state): State<Arc<AppState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    match state.tokens.check(request.headers(), request.uri()) {
+        Ok(access) => {
+            request.extensions_mut().insert(access);
+            next.run(request).await
+        }
+        Err(refusal) => {
+            // The path only: the query may carry a token.
+            tracing::warn!(%peer, path = request.uri().path(), reason = ?refusal, "refused a request without the right token");
+            (StatusCode::UNAUTHORIZED, refusal.to_string()).into_response()
+        }
+    }
+}
+
 async fn upgrade(
     State(state): State<Arc<AppState>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Extension(access): Extension<Access>,
+    uri: Uri,
     headers: HeaderMap,
     upgrade: WebSocketUpgrade,
 ) -> Response {
     if state.shutdown.is_cancelled() {
         return (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response();
     }
+    let name = auth::query_parameter(&uri, "name");
+    if let Some(name) = &name {
+        if let Err(error) = protocol::valid_name(name) {
+            return (StatusCode::BAD_REQUEST, error.to_string()).into_response();
+        }
+    }
+    let client = Client {
+        peer,
+        name,
+        admin: access.admin,
+    };
     if let Some(origin) = headers.get(header::ORIGIN) {
         let allowed = origin
             .to_str()
@@ -418,7 +508,7 @@ async fn upgrade(
                 Ok(_permit) => {
                     connection::serve(
                         socket,
-                        peer,
+                        client,
                         state.context.clone(),
                         state.connection,
                         state.shutdown.clone(),

@@ -9,14 +9,23 @@
 //! locks they added, as the grant lists them ([`Taken`]): keys the session held before keep the
 //! mode they had (a write upgrades a shared key and downgrades it again afterwards), so a request
 //! without `hold_lock` leaves the session's locks as it found them, whether it succeeds or fails.
+//! `delete` is a write that removes its keys.
+//!
+//! The session is also registered in the server's [`Registry`] (its name, peer, admin flag),
+//! which `hello`, `sessions`, `locks`, deadlock answers and `kill` read; its [`Registration`]
+//! goes with it.
 
-use std::sync::Arc;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use serde_json::Value;
+use tokio_util::sync::CancellationToken;
 
 use crate::lock::{Grant, Key, LockError, LockManager, LockMode, Session, SessionId, Taken};
-use crate::protocol::{Command, Reply, Request, ServiceError};
+use crate::log_limit::LogLimit;
+use crate::protocol::{Command, NamedMember, Reply, Request, ServiceError, SessionInfo};
+use crate::registry::{Registration, Registry};
 use crate::store::Store;
 
 /// What a session needs from the server.
@@ -28,19 +37,58 @@ pub struct SessionContext {
     pub store: Arc<dyn Store>,
     /// Wait limit of requests that do not give `timeout_ms`.
     pub default_timeout: Duration,
+    /// The directory of open sessions (names, peers, admin flags, kill handles).
+    pub registry: Registry,
+    /// Keeps deadlock log lines to about one a second under a storm of them.
+    pub deadlock_log: Arc<Mutex<LogLimit>>,
+}
+
+/// Who the client of a new session is, as the connection learned it before the upgrade.
+#[derive(Clone, Debug)]
+pub struct Client {
+    /// Its address.
+    pub peer: SocketAddr,
+    /// The name it gave on the URL (`?name=`), already validated.
+    pub name: Option<String>,
+    /// It presented the admin token.
+    pub admin: bool,
 }
 
 /// One client's session. See the module documentation.
 pub struct ClientSession {
     context: SessionContext,
+    /// Removes the registry entry when the session ends. Declared before `session` so the entry
+    /// goes first: `sessions` never lists a session whose locks are already released.
+    registration: Registration,
     session: Session,
 }
 
 impl ClientSession {
-    /// Opens a session in the lock manager.
-    pub fn open(context: SessionContext) -> Self {
+    /// Opens a session in the lock manager and registers it.
+    pub fn open(context: SessionContext, client: Client) -> Self {
         let session = context.locks.open_session();
-        ClientSession { context, session }
+        let registration =
+            context
+                .registry
+                .register(session.id(), client.peer, client.name, client.admin);
+        ClientSession {
+            context,
+            registration,
+            session,
+        }
+    }
+
+    /// Cancelled when an administrator kills this session (its locks are already released
+    /// then); the connection answers `killed` and closes.
+    pub fn killed(&self) -> &CancellationToken {
+        self.registration.killed()
+    }
+
+    /// Withdraws this session's request if it is waiting for a lock (it then fails with
+    /// `cancelled`). Returns whether one was withdrawn. For `cancel`, which does not wait its
+    /// turn.
+    pub fn cancel_wait(&self) -> bool {
+        self.context.locks.withdraw_wait(&self.session)
     }
 
     /// The session id (also the lock manager's).
@@ -70,14 +118,123 @@ impl ClientSession {
                 values,
                 hold_lock,
             } => self.write(keys, values, *hold_lock, deadline).await,
+            Command::Delete { keys, hold_lock } => self.delete(keys, *hold_lock, deadline).await,
             Command::Ping => Ok(Reply::Done),
-            Command::Locks => Ok(Reply::Locks {
-                snapshot: self.context.locks.snapshot(),
-                taken_at: tokio::time::Instant::now().into_std(),
-                sessions: self.context.locks.session_count(),
-            }),
+            Command::Locks { prefix } => {
+                let snapshot = match prefix {
+                    Some(prefix) => self.context.locks.snapshot_with_prefix(prefix),
+                    None => self.context.locks.snapshot(),
+                };
+                Ok(Reply::Locks {
+                    snapshot,
+                    taken_at: tokio::time::Instant::now().into_std(),
+                    sessions: self.context.locks.session_count(),
+                    names: self.context.registry.names(),
+                })
+            }
             Command::Session => Ok(Reply::Session(self.id())),
+            Command::Hello { name } => {
+                if let Some(name) = name {
+                    self.context.registry.set_name(self.id(), name.clone());
+                }
+                Ok(Reply::Hello {
+                    session: self.id(),
+                    name: self.context.registry.name(self.id()),
+                })
+            }
+            Command::Sessions => Ok(Reply::Sessions(self.sessions())),
+            Command::Keys {
+                prefix,
+                after,
+                limit,
+            } => Ok(Reply::Keys(self.context.store.keys(
+                prefix,
+                after.as_deref(),
+                *limit,
+            )?)),
+            // The connection carries `cancel` out when its frame arrives; run in turn, it finds
+            // no request of this session waiting (this one is the request in progress).
+            Command::Cancel => Ok(Reply::Cancelled(false)),
+            Command::Kill { session } => self.kill(*session),
         }
+    }
+
+    /// Every open session with what it holds and waits for, sorted by id.
+    fn sessions(&self) -> Vec<SessionInfo> {
+        let listed = self.context.registry.list();
+        let ids: Vec<SessionId> = listed.iter().map(|l| l.session).collect();
+        let summaries = self.context.locks.session_summaries(&ids);
+        let now = tokio::time::Instant::now();
+        listed
+            .into_iter()
+            .zip(summaries)
+            // A session whose lock-manager session is gone is closing (killed): not listed.
+            .filter_map(|(listed, summary)| {
+                let (held, waiting_for) = summary?;
+                Some(SessionInfo {
+                    session: listed.session,
+                    name: listed.name,
+                    peer: listed.peer,
+                    connected_ms: u64::try_from(
+                        now.saturating_duration_since(listed.connected_at)
+                            .as_millis(),
+                    )
+                    .unwrap_or(u64::MAX),
+                    held,
+                    waiting_for,
+                })
+            })
+            .collect()
+    }
+
+    /// Kills session `target` (admin connections only): its connection is told first, then its
+    /// locks are released and its waiting request withdrawn, all before this returns.
+    fn kill(&self, target: SessionId) -> Result<Reply, ServiceError> {
+        if !self.context.registry.is_admin(self.id()) {
+            return Err(ServiceError::Forbidden(
+                "kill needs a connection that presented the admin token (--admin-token)".into(),
+            ));
+        }
+        // Told first: when the target's connection sees its request fail because the session
+        // was closed, it already knows why.
+        if !self.context.registry.kill(target) {
+            return Err(ServiceError::NotFound(format!("no open session {target}")));
+        }
+        self.context.locks.close_session(target);
+        tracing::info!(admin = %self.id(), session = %target, "session killed by an administrator");
+        Ok(Reply::Done)
+    }
+
+    async fn delete(
+        &self,
+        keys: &[Key],
+        hold_lock: bool,
+        deadline: tokio::time::Instant,
+    ) -> Result<Reply, ServiceError> {
+        let grant = self.acquire(keys, LockMode::Exclusive, deadline).await?;
+        // Under the exclusive locks nobody else can change these keys: what is read here is
+        // what the delete removes.
+        let names: Vec<&str> = keys.iter().map(Key::as_str).collect();
+        let deleted = match self.context.store.read(&names) {
+            Ok(values) => values.iter().flatten().count(),
+            Err(error) => {
+                self.give_back(&grant.taken);
+                return Err(error.into());
+            }
+        };
+        let entries = keys.iter().map(|k| (k.to_string(), None)).collect();
+        let written = self.context.store.apply(entries).await;
+        if !hold_lock || written.is_err() {
+            self.give_back(&grant.taken);
+        }
+        if let Err(error) = &written {
+            tracing::warn!(session = %self.id(), %error, "delete failed");
+        }
+        written?;
+        Ok(Reply::Deleted {
+            tokens: grant.tokens,
+            deleted,
+        })
     }
 
     async fn read(
@@ -132,14 +289,59 @@ impl ClientSession {
             .locks
             .acquire(&self.session, keys, mode, Some(deadline))
             .await;
-        if let Err(LockError::Deadlock { cycle }) = &result {
-            let cycle: Vec<String> = cycle
-                .iter()
-                .map(|m| format!("{} waits for {}", m.session, m.waiting_for_key))
-                .collect();
-            tracing::info!(session = %self.id(), cycle = ?cycle, "deadlock: request refused");
+        match result {
+            Ok(grant) => Ok(grant),
+            Err(LockError::Deadlock { cycle }) => {
+                let cycle: Vec<NamedMember> = cycle
+                    .into_iter()
+                    .map(|member| NamedMember {
+                        name: self.context.registry.name(member.session),
+                        member,
+                    })
+                    .collect();
+                self.log_deadlock(&cycle);
+                Err(ServiceError::Deadlock { cycle })
+            }
+            Err(error) => Err(error.into()),
         }
-        Ok(result?)
+    }
+
+    /// Logs a deadlock at `info`, at most about once a second; the next line written says how
+    /// many were left out.
+    fn log_deadlock(&self, cycle: &[NamedMember]) {
+        let allowed = self
+            .context
+            .deadlock_log
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .allow(tokio::time::Instant::now());
+        let Some(suppressed) = allowed else {
+            return;
+        };
+        let cycle: Vec<String> = cycle
+            .iter()
+            .map(|m| {
+                let name = m
+                    .name
+                    .as_deref()
+                    .map(|n| format!(" ({n})"))
+                    .unwrap_or_default();
+                format!(
+                    "{}{name} waits for {}",
+                    m.member.session, m.member.waiting_for_key
+                )
+            })
+            .collect();
+        if suppressed == 0 {
+            tracing::info!(session = %self.id(), cycle = ?cycle, "deadlock: request refused");
+        } else {
+            tracing::info!(
+                session = %self.id(),
+                cycle = ?cycle,
+                suppressed,
+                "deadlock: request refused ({suppressed} more since the last line, not logged)"
+            );
+        }
     }
 
     /// Gives back what a request took. Those keys are held by construction (the session runs one

@@ -586,9 +586,12 @@ async fn locks_answer_lists_holders_waiters_edges_and_sessions() {
 
     let k = &entries[0];
     assert_eq!(k["key"], json!("k"));
+    // Issue 9 added `held_ms` to every holder; the fields this test checked stay as they were.
+    let held_ms = k["holders"][0]["held_ms"].clone();
+    assert!(held_ms.is_u64(), "{k}");
     assert_eq!(
         k["holders"],
-        json!([{"session": a.session, "mode": "write", "token": token}])
+        json!([{"session": a.session, "mode": "write", "token": token, "held_ms": held_ms}])
     );
     let waiters = k["waiters"].as_array().expect("waiters");
     assert_eq!(waiters.len(), 1, "{k}");

@@ -207,6 +207,22 @@ impl LockManager {
         self.with_table(|table| table.close_session(id, Now::lazy(std_now)))
     }
 
+    /// Withdraws the session's request if it is waiting for a key: the request is rolled back
+    /// and its caller gets `Cancelled`. A request past its wait (granted, failed) or none at all
+    /// is left alone. Returns whether a request was withdrawn.
+    pub fn withdraw_wait(&self, session: &Session) -> bool {
+        self.with_table(|table| table.withdraw_wait(session.id, Now::lazy(std_now)))
+    }
+
+    /// For each of `ids`, in order: how many keys it holds and the key it waits on (`None` for a
+    /// session that is not open). One critical section.
+    pub fn session_summaries(&self, ids: &[SessionId]) -> Vec<Option<(usize, Option<Key>)>> {
+        let state = self.lock();
+        ids.iter()
+            .map(|&id| state.table.session_summary(id))
+            .collect()
+    }
+
     /// The mode and fencing token under which the session holds `key`, if it does.
     pub fn held_mode(&self, session: &Session, key: &Key) -> Option<(LockMode, FencingToken)> {
         self.lock().table.held_mode(session.id, key)
@@ -229,6 +245,13 @@ impl LockManager {
     /// other keys for longer than copying the queues takes.
     pub fn snapshot(&self) -> Snapshot {
         let keys = self.lock().table.keys_snapshot();
+        Snapshot::from_keys(keys)
+    }
+
+    /// As [`LockManager::snapshot`], for the keys that start with `prefix` only; the waits-for
+    /// edges are derived from those keys alone.
+    pub fn snapshot_with_prefix(&self, prefix: &str) -> Snapshot {
+        let keys = self.lock().table.keys_snapshot_with_prefix(prefix);
         Snapshot::from_keys(keys)
     }
 

@@ -9,7 +9,11 @@
 //! is all-or-nothing across crashes. If the commit fails, every job of the batch is answered
 //! `storage_error` and nothing of the batch is visible.
 //!
-//! Reads: every committed value is also kept in memory (loaded at start-up, updated after each
+//! A write mixes sets and deletes (`None`): a delete removes the key in the same transaction, so
+//! it is as durable and as atomic as a set.
+//!
+//! Reads: every committed value is also kept in memory (an ordered map, so `keys` pages through
+//! it by range; loaded at start-up, updated after each
 //! successful commit, a batch at a time under one lock), and reads are answered from there. So a
 //! read never blocks on the disk, sees multi-key writes whole, and keeps working when the disk
 //! does not. The database is the durable copy; the mirror costs memory in proportion to the data.
@@ -19,7 +23,7 @@
 //! commit); if that fails, it tries again before the next batch. Meanwhile writes answer
 //! `storage_error`; reads and locks keep working.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, PoisonError, RwLock};
@@ -30,7 +34,7 @@ use redb::{Database, DatabaseError, Durability, ReadableTable, TableDefinition};
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 
-use super::{Store, StoreError};
+use super::{page_of, KeysPage, Store, StoreError};
 
 /// Key → value as JSON text.
 const VALUES: TableDefinition<&str, &[u8]> = TableDefinition::new("values");
@@ -90,12 +94,13 @@ pub enum OpenError {
 
 /// One `write` waiting for the writer thread.
 struct WriteJob {
-    entries: Vec<(String, Value)>,
+    /// `Some` sets the key, `None` deletes it.
+    entries: Vec<(String, Option<Value>)>,
     done: oneshot::Sender<Result<(), StoreError>>,
 }
 
 /// Every committed value, answered to readers.
-type Mirror = RwLock<HashMap<String, Value>>;
+type Mirror = RwLock<BTreeMap<String, Value>>;
 
 /// The redb-backed store. Dropping it stops the writer thread and closes the database.
 pub struct RedbStore {
@@ -189,7 +194,27 @@ impl Store for RedbStore {
         Ok(keys.iter().map(|k| committed.get(*k).cloned()).collect())
     }
 
+    fn keys(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<KeysPage, StoreError> {
+        let committed = self
+            .committed
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        Ok(page_of(&committed, prefix, after, limit))
+    }
+
     fn write(&self, entries: Vec<(String, Value)>) -> BoxFuture<'_, Result<(), StoreError>> {
+        self.apply(entries.into_iter().map(|(k, v)| (k, Some(v))).collect())
+    }
+
+    fn apply(
+        &self,
+        entries: Vec<(String, Option<Value>)>,
+    ) -> BoxFuture<'_, Result<(), StoreError>> {
         Box::pin(async move {
             let (done, answer) = oneshot::channel();
             let jobs = self.jobs.as_ref().ok_or_else(writer_gone)?;
@@ -215,13 +240,13 @@ impl Drop for RedbStore {
 }
 
 /// Creates the values table if needed and reads every value.
-fn load(database: &Database) -> Result<HashMap<String, Value>, String> {
+fn load(database: &Database) -> Result<BTreeMap<String, Value>, String> {
     let transaction = database.begin_write().map_err(|e| e.to_string())?;
     transaction.open_table(VALUES).map_err(|e| e.to_string())?;
     transaction.commit().map_err(|e| e.to_string())?;
     let transaction = database.begin_read().map_err(|e| e.to_string())?;
     let table = transaction.open_table(VALUES).map_err(|e| e.to_string())?;
-    let mut values = HashMap::new();
+    let mut values = BTreeMap::new();
     for entry in table.iter().map_err(|e| e.to_string())? {
         let (key, value) = entry.map_err(|e| e.to_string())?;
         let value: Value = serde_json::from_slice(value.value())
@@ -267,7 +292,10 @@ impl Writer {
                         .unwrap_or_else(PoisonError::into_inner);
                     for job in &batch {
                         for (key, value) in &job.entries {
-                            committed.insert(key.clone(), value.clone());
+                            match value {
+                                Some(value) => committed.insert(key.clone(), value.clone()),
+                                None => committed.remove(key),
+                            };
                         }
                     }
                 }
@@ -302,10 +330,17 @@ impl Writer {
             let mut table = transaction.open_table(VALUES).map_err(storage)?;
             for job in batch {
                 for (key, value) in &job.entries {
-                    let bytes = value.to_string();
-                    table
-                        .insert(key.as_str(), bytes.as_bytes())
-                        .map_err(storage)?;
+                    match value {
+                        Some(value) => {
+                            let bytes = value.to_string();
+                            table
+                                .insert(key.as_str(), bytes.as_bytes())
+                                .map_err(storage)?;
+                        }
+                        None => {
+                            table.remove(key.as_str()).map_err(storage)?;
+                        }
+                    }
                 }
             }
         }
@@ -319,4 +354,32 @@ fn storage(error: impl fmt::Display) -> StoreError {
 
 fn writer_gone() -> StoreError {
     StoreError::Storage("the store is shut down".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[tokio::test]
+    async fn a_delete_is_committed_with_the_sets_of_its_write_and_survives_a_reopen() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        {
+            let store = RedbStore::open(dir.path()).expect("open");
+            store
+                .write(vec![("a".into(), json!(1)), ("b".into(), json!(2))])
+                .await
+                .expect("write");
+            store
+                .apply(vec![("a".into(), None), ("c".into(), Some(json!(3)))])
+                .await
+                .expect("write");
+            assert_eq!(store.keys("", None, 10).expect("keys").keys, vec!["b", "c"]);
+        }
+        let store = RedbStore::open(dir.path()).expect("reopen");
+        assert_eq!(
+            store.read(&["a", "b", "c"]).expect("read"),
+            vec![None, Some(json!(2)), Some(json!(3))]
+        );
+    }
 }

@@ -4,11 +4,16 @@
 //! - [`memory`]: values in a process-local map (lost on exit); `--in-memory`.
 //! - [`durable`]: values in an embedded redb database, group-committed; the default.
 //!
-//! Contract every implementation keeps: a `write` of several keys is atomic (a reader sees all of
-//! its values or none), and when `write` returns `Err` nothing of it was applied.
+//! Contract every implementation keeps: a `write` or `apply` of several keys (`apply` mixes sets
+//! and deletes) is atomic (a reader sees all of it or none of it), and when `write` returns `Err` nothing of it
+//! was applied. Values are kept in key order, so [`Store::keys`] pages through them in
+//! O(log n + page).
 
 pub mod durable;
 pub mod memory;
+
+use std::collections::BTreeMap;
+use std::ops::Bound;
 
 use futures_util::future::BoxFuture;
 use serde_json::Value;
@@ -48,4 +53,100 @@ pub trait Store: Send + Sync + 'static {
     /// # Errors
     /// `StoreError::Storage` if the backend failed; then nothing was written.
     fn write(&self, entries: Vec<(String, Value)>) -> BoxFuture<'_, Result<(), StoreError>>;
+
+    /// Applies every change, atomically: all of them or none. `(key, Some(value))` sets the key,
+    /// `(key, None)` deletes it (a later read gives `None`). Resolves once the change is as
+    /// durable as the store promises (for the durable store: in the same group commit as
+    /// writes).
+    ///
+    /// Both stores of the server implement it. The provided version, for stores that only
+    /// implement `write`, passes changes without a delete on to `write` and refuses the others.
+    ///
+    /// # Errors
+    /// `StoreError::Storage` if the backend failed; then nothing was changed.
+    fn apply(
+        &self,
+        changes: Vec<(String, Option<Value>)>,
+    ) -> BoxFuture<'_, Result<(), StoreError>> {
+        let sets: Option<Vec<(String, Value)>> = changes
+            .into_iter()
+            .map(|(key, value)| Some((key, value?)))
+            .collect();
+        match sets {
+            Some(sets) => self.write(sets),
+            None => Box::pin(std::future::ready(Err(StoreError::Storage(
+                "this store cannot delete keys".into(),
+            )))),
+        }
+    }
+
+    /// The keys that have a value, start with `prefix` and come after `after` (exclusive), in
+    /// byte order, at most `limit` of them; `more` says whether further keys match. A listing of
+    /// the committed values at one moment. The provided version, for stores that cannot list,
+    /// fails.
+    ///
+    /// # Errors
+    /// `StoreError::Storage` if the backend cannot be read.
+    fn keys(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<KeysPage, StoreError> {
+        let _ = (prefix, after, limit);
+        Err(StoreError::Storage("this store cannot list keys".into()))
+    }
+}
+
+/// One page of [`Store::keys`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KeysPage {
+    /// The keys, in byte order.
+    pub keys: Vec<String>,
+    /// True when more keys match after the last one listed.
+    pub more: bool,
+}
+
+/// The page of `values`' keys that start with `prefix`, after `after`, at most `limit`: a range
+/// scan of the ordered map, O(log n + limit). Shared by both stores.
+pub fn page_of<V>(
+    values: &BTreeMap<String, V>,
+    prefix: &str,
+    after: Option<&str>,
+    limit: usize,
+) -> KeysPage {
+    let start = match after {
+        Some(after) if after >= prefix => Bound::Excluded(after),
+        _ => Bound::Included(prefix),
+    };
+    let mut matching = values
+        .range::<str, _>((start, Bound::Unbounded))
+        .map(|(key, _)| key)
+        .take_while(|key| key.starts_with(prefix));
+    let keys: Vec<String> = matching.by_ref().take(limit).cloned().collect();
+    let more = matching.next().is_some();
+    KeysPage { keys, more }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_page_lists_keys_with_the_prefix_after_the_cursor_in_byte_order() {
+        let values: BTreeMap<String, ()> = ["a", "job/a", "job/b", "job/c", "job0", "jobs"]
+            .into_iter()
+            .map(|k| (k.to_owned(), ()))
+            .collect();
+        let page = page_of(&values, "job/", None, 2);
+        assert_eq!(page.keys, vec!["job/a", "job/b"]);
+        assert!(page.more);
+        let page = page_of(&values, "job/", Some("job/b"), 2);
+        assert_eq!(page.keys, vec!["job/c"]);
+        assert!(!page.more);
+        // A cursor before the prefix starts at the prefix; one past it lists nothing.
+        assert_eq!(page_of(&values, "job/", Some("a"), 10).keys.len(), 3);
+        assert!(page_of(&values, "job/", Some("z"), 10).keys.is_empty());
+        assert_eq!(page_of(&values, "", None, 100).keys.len(), 6);
+    }
 }

@@ -375,3 +375,49 @@ pub fn assert_no_server_panics() {
     let messages = PANIC_MESSAGES.lock().map(|m| m.clone()).unwrap_or_default();
     assert_eq!(count, 0, "panics outside the tests: {messages:?}");
 }
+
+// ---- names, tokens: connecting with a URL query or an Authorization header ------------------
+
+/// Connects to `url` (which may carry a query such as `?name=x&token=y`) with an
+/// `Authorization: Bearer <bearer>` header if given; the handshake result.
+pub async fn connect_with(
+    url: &str,
+    bearer: Option<&str>,
+) -> Result<Ws, tokio_tungstenite::tungstenite::Error> {
+    let mut request = url.into_client_request().expect("a valid request");
+    if let Some(token) = bearer {
+        request.headers_mut().insert(
+            "authorization",
+            HeaderValue::from_str(&format!("Bearer {token}")).expect("header"),
+        );
+    }
+    tokio::time::timeout(BOUND, tokio_tungstenite::connect_async(request))
+        .await
+        .expect("handshake in time")
+        .map(|(ws, _)| ws)
+}
+
+/// The HTTP status of a refused handshake (panics if the handshake succeeded).
+pub fn refused_status(handshake: Result<Ws, tokio_tungstenite::tungstenite::Error>) -> u16 {
+    match handshake {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => response.status().as_u16(),
+        Err(other) => panic!("expected an HTTP refusal, got {other}"),
+        Ok(_) => panic!("expected an HTTP refusal, the handshake succeeded"),
+    }
+}
+
+impl Server {
+    /// Connects a client with `query` appended to the URL (e.g. `?name=backup`) and an optional
+    /// bearer token, and learns its session id; panics if the handshake is refused.
+    pub async fn connect_as(&self, query: &str, bearer: Option<&str>) -> Client {
+        let ws = connect_with(&format!("{}{query}", self.url()), bearer)
+            .await
+            .expect("WebSocket handshake");
+        let mut client = Client {
+            ws,
+            session: String::new(),
+        };
+        client.learn_session().await;
+        client
+    }
+}

@@ -42,8 +42,9 @@ pub enum LockError {
     /// The session was closed (or never belonged to this manager).
     #[error("session is closed")]
     SessionClosed,
-    /// The waiting request was withdrawn because the session called `release_all`.
-    #[error("request cancelled: the session released all its locks while it waited")]
+    /// The waiting request was withdrawn: the session called `release_all`, or withdrew its
+    /// wait ([`crate::LockTable::withdraw_wait`], the server's `cancel`).
+    #[error("request cancelled: withdrawn by its session while it waited")]
     Cancelled,
     /// The request itself is malformed or not allowed now (no keys, too many keys, another request
     /// of the same session still in progress).

@@ -19,6 +19,7 @@ use std::time::Instant;
 
 use slab::Slab;
 
+use crate::now::Now;
 use crate::types::{FencingToken, Key, LockMode};
 use crate::{SessionSlot, WaiterSlot};
 
@@ -30,6 +31,9 @@ pub(crate) struct Holder {
     pub mode: LockMode,
     /// The fencing token of its grant.
     pub token: FencingToken,
+    /// When it was granted the key (an upgrade keeps it: the session has held the key since
+    /// then), so diagnostics can say how long a lock has been held.
+    pub since: Instant,
 }
 
 /// A queue entry: a session waiting for one key.
@@ -178,6 +182,7 @@ impl KeyState {
         session: SessionSlot,
         mode: LockMode,
         last_token: &mut u64,
+        now: &mut Now,
     ) -> Attempt {
         let only_holder = self.holders.len() == 1;
         if let Some(held) = self.holder_mut(session) {
@@ -203,6 +208,7 @@ impl KeyState {
             session,
             mode,
             token,
+            since: now.get(),
         });
         Attempt::Acquired(token)
     }
@@ -272,6 +278,7 @@ mod tests {
                 session,
                 mode,
                 token: FencingToken(1),
+                since: Instant::now(),
             });
         }
         key
@@ -342,12 +349,12 @@ mod tests {
         wait(&mut key, &mut waiters, 1);
         let mut tokens = 1;
         assert!(matches!(
-            key.take_at_once(2, Shared, &mut tokens),
+            key.take_at_once(2, Shared, &mut tokens, &mut Now::from(Instant::now())),
             Attempt::MustWait { conversion: false }
         ));
         // A re-request of what A holds is granted at once, behind B or not.
         assert!(matches!(
-            key.take_at_once(0, Shared, &mut tokens),
+            key.take_at_once(0, Shared, &mut tokens, &mut Now::from(Instant::now())),
             Attempt::AlreadyHeld(FencingToken(1))
         ));
     }
@@ -357,7 +364,7 @@ mod tests {
         let mut key = key_with_holders(&[(0, Shared)]);
         let mut tokens = 5;
         assert!(matches!(
-            key.take_at_once(0, Exclusive, &mut tokens),
+            key.take_at_once(0, Exclusive, &mut tokens, &mut Now::from(Instant::now())),
             Attempt::Upgraded {
                 token: FencingToken(6),
                 old: FencingToken(1)

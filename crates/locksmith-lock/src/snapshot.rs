@@ -84,6 +84,9 @@ pub struct HolderSnapshot {
     pub mode: LockMode,
     /// The fencing token of its grant.
     pub token: FencingToken,
+    /// When it was granted the key (kept through an upgrade or a downgrade), so a diagnostic can
+    /// say how long the key has been held.
+    pub since: Instant,
 }
 
 /// A session queued for a key.

@@ -394,6 +394,33 @@ impl LockTable {
         (Ok(()), self.finish_call(&mut now.into()))
     }
 
+    /// Withdraws session `id`'s request if it is waiting for a key: it is rolled back (the
+    /// session's locks are as before it) and fails with `Cancelled`, and its session is listed in
+    /// the effects so its caller collects that outcome. A request that is not waiting (none, or
+    /// one already granted or failed but not yet collected) is left alone. Returns whether a
+    /// request was withdrawn.
+    pub fn withdraw_wait(&mut self, id: SessionId, now: impl Into<Now>) -> (bool, Effects) {
+        let Some(slot) = self.slot(id) else {
+            return (false, Effects::default());
+        };
+        if self.waiting_key_slot(slot).is_none() {
+            return (false, Effects::default());
+        }
+        self.rollback(slot);
+        if let Some(request) = self.sessions[slot].request.as_mut() {
+            request.phase = Phase::Finished(Err(LockError::Cancelled));
+        }
+        self.effects.concluded.push(id);
+        (true, self.finish_call(&mut now.into()))
+    }
+
+    /// How many keys session `id` holds and the key its request waits on, if it waits (`None`
+    /// if the session is not open). O(1).
+    pub fn session_summary(&self, id: SessionId) -> Option<(usize, Option<Key>)> {
+        let slot = self.slot(id)?;
+        Some((self.sessions[slot].held.len(), self.waiting_key(slot)))
+    }
+
     /// The mode and token under which session `id` holds `key`, if it does.
     pub fn held_mode(&self, id: SessionId, key: &Key) -> Option<(LockMode, FencingToken)> {
         let slot = self.slot(id)?;
@@ -442,6 +469,19 @@ impl LockTable {
         keys
     }
 
+    /// As [`LockTable::keys_snapshot`], for the keys that start with `prefix` only:
+    /// O(keys + their holders and queue entries).
+    pub fn keys_snapshot_with_prefix(&self, prefix: &str) -> Vec<KeySnapshot> {
+        let mut keys: Vec<KeySnapshot> = self
+            .keys
+            .iter()
+            .filter(|(_, state)| state.name.as_str().starts_with(prefix))
+            .map(|(_, state)| self.key_snapshot_of(state))
+            .collect();
+        keys.sort_unstable_by(|a, b| a.key.cmp(&b.key));
+        keys
+    }
+
     /// The holders and queue of one key (`None` if nobody holds or awaits it): O(holders +
     /// queue), without the edges.
     pub fn key_snapshot(&self, key: &Key) -> Option<KeySnapshot> {
@@ -460,6 +500,7 @@ impl LockTable {
                         session: self.sessions.get(h.session)?.id,
                         mode: h.mode,
                         token: h.token,
+                        since: h.since,
                     })
                 })
                 .collect(),
@@ -542,7 +583,7 @@ impl LockTable {
             };
             let mode = request.mode;
             let key_slot = self.key_slot_or_insert(&key);
-            let attempt = self.keys[key_slot].take_at_once(slot, mode, &mut self.last_token);
+            let attempt = self.keys[key_slot].take_at_once(slot, mode, &mut self.last_token, now);
             let state = &mut self.sessions[slot];
             let Some(request) = state.request.as_mut() else {
                 return Err(LockError::SessionClosed);
@@ -710,7 +751,7 @@ impl LockTable {
     fn finish_call(&mut self, now: &mut Now) -> Effects {
         loop {
             while let Some(key) = self.dirty.pop_front() {
-                self.grant_waiters(key);
+                self.grant_waiters(key, now);
             }
             let Some(slot) = self.ready.pop_front() else {
                 break;
@@ -734,7 +775,7 @@ impl LockTable {
     /// Grants the first waiters of `key` while they can be granted (FIFO: stops at the first
     /// that cannot), and lists the granted sessions to continue. Drops the key once nobody holds
     /// or awaits it.
-    fn grant_waiters(&mut self, key: KeySlot) {
+    fn grant_waiters(&mut self, key: KeySlot, now: &mut Now) {
         let Some(state) = self.keys.get_mut(key) else {
             return;
         };
@@ -769,6 +810,7 @@ impl LockTable {
                     session: waiter.session,
                     mode: waiter.mode,
                     token,
+                    since: now.get(),
                 });
                 session.held.insert(key);
                 request.took_acquired(state.name.clone(), token);

@@ -371,3 +371,76 @@ fn a_failed_request_frees_the_key_it_waited_on_before_the_keys_it_took() {
     assert_eq!(queue_of(&table, "k7"), vec![(b, S)]);
     assert_eq!(holders_of(&table, "k1"), vec![]);
 }
+
+#[test]
+fn a_holder_carries_the_time_it_was_granted_the_key_through_an_upgrade_and_a_handoff() {
+    // A: S(k1) at t=0, upgraded at t=5: still held since t=0. B: X(k1) waits at t=10;
+    // A releases at t=30: B holds since t=30.
+    let (mut table, ids) = table_with(2);
+    let (a, b) = (ids[0], ids[1]);
+    let start = Instant::now();
+    let k1 = keys(&["k1"]);
+    let since = |table: &LockTable| -> Vec<(SessionId, Instant)> {
+        table
+            .key_snapshot(&Key::from("k1"))
+            .map(|k| k.holders.iter().map(|h| (h.session, h.since)).collect())
+            .unwrap_or_default()
+    };
+    let _ = table.acquire(a, &k1, S, at(start, 0), true);
+    let _ = table.acquire(a, &k1, X, at(start, 5), true);
+    assert_eq!(since(&table), vec![(a, at(start, 0))]);
+    let (waiting, _) = table.acquire(b, &k1, X, at(start, 10), true);
+    assert_eq!(waiting, Ok(Acquired::Waiting));
+    let (released, effects) = table.release(a, &k1, at(start, 30));
+    assert_eq!(released, Ok(()));
+    assert_eq!(effects.concluded, vec![b]);
+    assert_eq!(since(&table), vec![(b, at(start, 30))]);
+}
+
+#[test]
+fn withdrawing_a_wait_rolls_the_request_back_and_fails_it_with_cancelled() {
+    // A: X(k2). B: X(k1, k2) takes k1 and waits on k2. B withdraws: k1 is free again, B's
+    // outcome is `Cancelled`, and a second withdrawal finds nothing to withdraw.
+    let (mut table, ids) = table_with(2);
+    let (a, b) = (ids[0], ids[1]);
+    granted(&mut table, a, &["k2"], X);
+    waits(&mut table, b, &["k1", "k2"], X);
+    assert_eq!(holders_of(&table, "k1"), vec![(b, X)]);
+    assert_eq!(table.session_summary(b), Some((1, Some(Key::from("k2")))));
+
+    let (withdrawn, effects) = table.withdraw_wait(b, Instant::now());
+    assert!(withdrawn);
+    assert_eq!(effects.concluded, vec![b]);
+    assert_eq!(table.take_outcome(b), Some(Err(LockError::Cancelled)));
+    assert_eq!(holders_of(&table, "k1"), vec![]);
+    assert_eq!(queue_of(&table, "k2"), vec![]);
+    assert_eq!(table.session_summary(b), Some((0, None)));
+    assert!(!table.withdraw_wait(b, Instant::now()).0);
+}
+
+#[test]
+fn a_request_granted_but_not_yet_collected_is_not_withdrawn() {
+    let (mut table, ids) = table_with(2);
+    let (a, b) = (ids[0], ids[1]);
+    granted(&mut table, a, &["k1"], X);
+    waits(&mut table, b, &["k1"], X);
+    let _ = table.release(a, &keys(&["k1"]), Instant::now());
+    let (withdrawn, effects) = table.withdraw_wait(b, Instant::now());
+    assert!(!withdrawn);
+    assert_eq!(effects, Effects::default());
+    assert!(matches!(table.take_outcome(b), Some(Ok(_))));
+    assert_eq!(holders_of(&table, "k1"), vec![(b, X)]);
+}
+
+#[test]
+fn a_prefix_snapshot_lists_only_the_keys_that_start_with_it() {
+    let (mut table, ids) = table_with(1);
+    granted(&mut table, ids[0], &["job/a", "job/b", "jobs", "other"], X);
+    let names: Vec<String> = table
+        .keys_snapshot_with_prefix("job/")
+        .iter()
+        .map(|k| k.key.to_string())
+        .collect();
+    assert_eq!(names, vec!["job/a", "job/b"]);
+    assert_eq!(table.keys_snapshot_with_prefix("").len(), 4);
+}
