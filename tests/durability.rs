@@ -1,76 +1,41 @@
 //! Durable values: what a write answered `success` promises across restarts and crashes, how
 //! storage failures are answered, and when the server refuses to start.
 //!
-//! The crash test runs the real `locksmith` binary and kills it with SIGKILL; the others start the
-//! server in-process on a random loopback port.
+//! The crash test runs the real `locksmith` binary (through `tests/binary`) and kills it with
+//! SIGKILL; the others start the server in-process on a random loopback port. The clients are the
+//! client library's, so a write that fails tells a broken connection
+//! ([`ClientError::ConnectionLost`]) from a refusal by a server that is up.
+
+mod binary;
 
 use std::fmt;
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
+use std::future::Future;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::{SinkExt, StreamExt};
+use binary::{finish, locksmith, ServerProcess, PATIENCE};
+use locksmith::client::{Client, ClientError, Grant};
+use locksmith::lock::LockMode::Exclusive;
 use locksmith::server::{self, RunningServer, ServerSettings};
 use locksmith::store::{RedbStore, Store};
 use rand::Rng;
 use redb::backends::InMemoryBackend;
 use redb::StorageBackend;
 use serde_json::{json, Value};
-use tokio::net::TcpStream;
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-/// Bound on every single wait in these tests.
-const PATIENCE: Duration = Duration::from_secs(20);
-
-type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
-
-/// A minimal JSON client.
-struct Client {
-    socket: Socket,
+/// `call`, which must finish within [`PATIENCE`].
+async fn within<T>(call: impl Future<Output = T>) -> T {
+    tokio::time::timeout(PATIENCE, call)
+        .await
+        .expect("an answer in time")
 }
 
-impl Client {
-    async fn connect(addr: SocketAddr) -> Client {
-        let (socket, _) = tokio::time::timeout(
-            PATIENCE,
-            tokio_tungstenite::connect_async(format!("ws://{addr}/ws")),
-        )
-        .await
-        .expect("connect in time")
-        .expect("connect");
-        Client { socket }
-    }
-
-    /// Sends a request and returns the answer, or `None` if the connection broke.
-    async fn try_request(&mut self, request: Value) -> Option<Value> {
-        self.socket
-            .send(Message::text(request.to_string()))
-            .await
-            .ok()?;
-        loop {
-            match tokio::time::timeout(PATIENCE, self.socket.next())
-                .await
-                .expect("an answer in time")
-            {
-                Some(Ok(Message::Text(text))) => {
-                    return Some(serde_json::from_str(text.as_str()).expect("JSON answer"))
-                }
-                Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
-                _ => return None,
-            }
-        }
-    }
-
-    async fn request(&mut self, request: Value) -> Value {
-        self.try_request(request.clone())
-            .await
-            .unwrap_or_else(|| panic!("no answer to {request}"))
-    }
+/// A library client connected to `url`.
+async fn connect(url: &str) -> Client {
+    within(Client::connect(url)).await.expect("connect")
 }
 
 async fn start_in_process(store: Arc<dyn Store>) -> RunningServer {
@@ -78,6 +43,11 @@ async fn start_in_process(store: Arc<dyn Store>) -> RunningServer {
         .await
         .expect("bind");
     server::start(vec![listener], ServerSettings::default(), store).expect("start")
+}
+
+/// The URL of a server running in this process.
+fn url_of(server: &RunningServer) -> String {
+    format!("ws://{}/ws", server.local_addrs()[0])
 }
 
 /// Shuts the server down and waits until the store is no longer shared, then drops it (which
@@ -109,7 +79,8 @@ async fn values_survive_a_restart_on_the_same_directory_in_every_write_form() {
     let dir = tempfile::tempdir().expect("temp dir");
     let store = Arc::new(RedbStore::open(dir.path()).expect("open"));
     let server = start_in_process(store.clone()).await;
-    let mut client = Client::connect(server.local_addrs()[0]).await;
+    let client = connect(&url_of(&server)).await;
+    // Raw requests: the typed `write` sends only the `values` form.
     let writes = [
         json!({"command": "write", "keys": ["a"], "values": [1]}),
         json!({"command": "write", "keys": ["b"], "value": {"nested": [1, 2]}}),
@@ -117,19 +88,20 @@ async fn values_survive_a_restart_on_the_same_directory_in_every_write_form() {
         json!({"command": "write", "keys": ["e", "f", "g"], "values": [true, 2.5, "z"]}),
     ];
     for write in writes {
-        assert_eq!(client.request(write).await["success"], json!(true));
+        let answer = within(client.request(write.clone())).await;
+        assert!(answer.is_ok(), "{write}: {answer:?}");
     }
     drop(client);
     stop_in_process(server, store).await;
 
     let store = Arc::new(RedbStore::open(dir.path()).expect("reopen"));
     let server = start_in_process(store.clone()).await;
-    let mut client = Client::connect(server.local_addrs()[0]).await;
-    let read = client
-        .request(json!({"command": "read", "keys": ["a", "b", "c", "d", "e", "f", "g", "never"]}))
-        .await;
+    let client = connect(&url_of(&server)).await;
+    let read = within(client.read(&["a", "b", "c", "d", "e", "f", "g", "never"], false))
+        .await
+        .expect("read");
     assert_eq!(
-        read["values"],
+        json!(read),
         json!({"a": 1, "b": {"nested": [1, 2]}, "c": "x", "d": null, "e": true, "f": 2.5,
                "g": "z", "never": null})
     );
@@ -142,24 +114,19 @@ async fn locks_are_not_persistent_across_a_restart() {
     let dir = tempfile::tempdir().expect("temp dir");
     let store = Arc::new(RedbStore::open(dir.path()).expect("open"));
     let server = start_in_process(store.clone()).await;
-    let mut client = Client::connect(server.local_addrs()[0]).await;
-    let locked = client
-        .request(json!({"command": "write", "keys": ["k"], "values": [1], "hold_lock": true}))
-        .await;
-    assert_eq!(locked["success"], json!(true));
+    let client = connect(&url_of(&server)).await;
+    within(client.write(&[("k", json!(1))], true))
+        .await
+        .expect("write keeping the lock");
     stop_in_process(server, store).await;
 
     let store = Arc::new(RedbStore::open(dir.path()).expect("reopen"));
     let server = start_in_process(store.clone()).await;
-    let mut client = Client::connect(server.local_addrs()[0]).await;
-    assert_eq!(
-        client.request(json!({"command": "locks"})).await["locks"],
-        json!([])
-    );
-    let relock = client
-        .request(json!({"command": "lock", "keys": ["k"], "timeout_ms": 0}))
-        .await;
-    assert_eq!(relock["success"], json!(true), "{relock}");
+    let client = connect(&url_of(&server)).await;
+    let table = within(client.locks(None)).await.expect("locks");
+    assert_eq!(table.locks, vec![]);
+    let relock = within(client.lock(&["k"], Exclusive, Some(Duration::ZERO))).await;
+    assert!(relock.is_ok(), "{relock:?}");
     drop(client);
     stop_in_process(server, store).await;
 }
@@ -228,49 +195,32 @@ async fn failed_commit_answers_storage_error_changes_nothing_and_reads_and_locks
     };
     let store = Arc::new(store_on(&disk));
     let server = start_in_process(store.clone()).await;
-    let mut client = Client::connect(server.local_addrs()[0]).await;
-    let first = client
-        .request(json!({"command": "write", "keys": ["a", "b"], "values": [1, 1]}))
-        .await;
-    assert_eq!(first["success"], json!(true));
+    let client = connect(&url_of(&server)).await;
+    within(client.write(&[("a", json!(1)), ("b", json!(1))], false))
+        .await
+        .expect("first write");
 
     disk.failing.store(true, Ordering::SeqCst);
-    for attempt in 0..2 {
-        let failed = client
-            .request(
-                json!({"command": "write", "keys": ["a", "b"], "values": [2, 2], "id": attempt}),
-            )
-            .await;
-        assert_eq!(failed["success"], json!(false), "{failed}");
-        assert_eq!(failed["code"], json!("storage_error"), "{failed}");
-        assert_eq!(failed["id"], json!(attempt));
+    for _ in 0..2 {
+        // The client matches answers by `id`: an error answer without its request's `id` would
+        // never reach this call, and `within` would fail.
+        let failed = within(client.write(&[("a", json!(2)), ("b", json!(2))], false)).await;
+        assert!(
+            matches!(failed, Err(ClientError::Storage(_))),
+            "storage_error expected: {failed:?}"
+        );
     }
-    let read = client
-        .request(json!({"command": "read", "keys": ["a", "b"]}))
-        .await;
-    assert_eq!(read["values"], json!({"a": 1, "b": 1}), "nothing changed");
-    let locks = client.request(json!({"command": "locks"})).await;
-    assert_eq!(
-        locks["locks"],
-        json!([]),
-        "the failed write gave its locks back"
-    );
-    let lock = client
-        .request(json!({"command": "lock", "keys": ["c"], "timeout_ms": 0}))
-        .await;
-    assert_eq!(lock["success"], json!(true), "locks keep working: {lock}");
-    assert_eq!(
-        client
-            .request(json!({"command": "unlock", "keys": ["c"]}))
-            .await["success"],
-        json!(true)
-    );
+    let read = within(client.read(&["a", "b"], false)).await.expect("read");
+    assert_eq!(json!(read), json!({"a": 1, "b": 1}), "nothing changed");
+    let table = within(client.locks(None)).await.expect("locks");
+    assert_eq!(table.locks, vec![], "the failed write gave its locks back");
+    let lock = within(client.lock(&["c"], Exclusive, Some(Duration::ZERO))).await;
+    assert!(lock.is_ok(), "locks keep working: {lock:?}");
+    within(client.unlock(&["c"])).await.expect("unlock");
 
     disk.failing.store(false, Ordering::SeqCst);
-    let healed = client
-        .request(json!({"command": "write", "keys": ["a", "b"], "values": [3, 3]}))
-        .await;
-    assert_eq!(healed["success"], json!(true), "writes resume: {healed}");
+    let healed = within(client.write(&[("a", json!(3)), ("b", json!(3))], false)).await;
+    assert!(healed.is_ok(), "writes resume: {healed:?}");
     drop(client);
     stop_in_process(server, store).await;
 
@@ -284,56 +234,11 @@ async fn failed_commit_answers_storage_error_changes_nothing_and_reads_and_locks
 
 // ----- the real binary: crashes and refusals to start --------------------------------------
 
-/// A `locksmith` process serving on a random loopback port with `--data-dir dir`.
-struct ServerProcess {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl ServerProcess {
-    fn start(dir: &Path) -> ServerProcess {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_locksmith"))
-            .args(["--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(dir)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn locksmith");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (lines, listening) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if lines.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let addr = loop {
-            let line = listening
-                .recv_timeout(PATIENCE)
-                .expect("the server says where it listens");
-            if let Some(rest) = line.split("listening on ws://").nth(1) {
-                let addr = rest.trim_end_matches("/ws").trim();
-                break addr.parse().expect("a socket address");
-            }
-        };
-        ServerProcess { child, addr }
-    }
-
-    /// Kills the server with SIGKILL and reaps it (what `Drop` does).
-    fn kill(self) {
-        drop(self);
-    }
-}
-
-impl Drop for ServerProcess {
-    /// Kills the server whatever happens to the test, so a failing assertion never leaves a
-    /// server process behind.
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// The binary serving the values kept in `dir`.
+fn serving(dir: &Path) -> Command {
+    let mut command = locksmith();
+    command.arg("--data-dir").arg(dir);
+    command
 }
 
 /// What one writer client knows about its own writes: the last sequence number acknowledged
@@ -346,47 +251,40 @@ struct Ledger {
 
 /// Writes in a loop until the connection breaks: alternately a three-key write of `n` to
 /// `{prefix}-a/b/c` and a single-key write (original `value` form) of `n` to `{prefix}-s`.
+/// Any other failure of a write (a refusal while the server is up) fails the test.
 async fn write_until_killed(
-    addr: SocketAddr,
+    url: String,
     prefix: String,
     acks: Arc<AtomicU64>,
     max_token: Arc<AtomicU64>,
 ) -> [Ledger; 2] {
     let mut ledgers = [Ledger::default(); 2];
-    let mut client = Client::connect(addr).await;
+    let client = connect(&url).await;
     for n in 1u64.. {
         let multi = n % 2 == 0;
-        let (ledger, request) = if multi {
-            let keys = [
-                format!("{prefix}-a"),
-                format!("{prefix}-b"),
-                format!("{prefix}-c"),
-            ];
-            (
-                &mut ledgers[0],
-                json!({"command": "write", "keys": keys, "values": [n, n, n]}),
-            )
-        } else {
-            (
-                &mut ledgers[1],
-                json!({"command": "write", "keys": [format!("{prefix}-s")], "value": n}),
-            )
-        };
+        let ledger = &mut ledgers[usize::from(!multi)];
         ledger.sent = n;
-        match client.try_request(request).await {
-            Some(answer) if answer["success"] == json!(true) => {
+        let written: Result<Grant, ClientError> = if multi {
+            let entries = ["a", "b", "c"].map(|k| (format!("{prefix}-{k}"), json!(n)));
+            within(client.write(&entries, false)).await
+        } else {
+            // Raw: the typed `write` sends only the `values` form.
+            let request = json!({"command": "write", "keys": [format!("{prefix}-s")], "value": n});
+            within(client.request(request))
+                .await
+                .map(|answer| serde_json::from_value(answer).expect("a grant"))
+        };
+        match written {
+            Ok(grant) => {
                 ledger.acked = n;
-                for token in answer["tokens"]
-                    .as_object()
-                    .into_iter()
-                    .flat_map(|t| t.values())
-                {
-                    max_token.fetch_max(token.as_u64().unwrap_or(0), Ordering::SeqCst);
+                for token in grant.tokens.values() {
+                    max_token.fetch_max(*token, Ordering::SeqCst);
                 }
                 acks.fetch_add(1, Ordering::SeqCst);
             }
-            Some(answer) => panic!("a write failed while the server was up: {answer}"),
-            None => break,
+            // The server was killed: what this writer runs until.
+            Err(ClientError::ConnectionLost { .. }) => break,
+            Err(refused) => panic!("a write failed while the server was up: {refused:?}"),
         }
     }
     ledgers
@@ -419,7 +317,7 @@ async fn every_acknowledged_write_survives_sigkill_and_no_multi_key_write_is_hal
     let dir = tempfile::tempdir().expect("temp dir");
     let mut history: Vec<(String, [Ledger; 2])> = Vec::new();
     for iteration in 0..iterations {
-        let server = ServerProcess::start(dir.path());
+        let server = ServerProcess::start(serving(dir.path()));
         let acks = Arc::new(AtomicU64::new(0));
         let max_token = Arc::new(AtomicU64::new(0));
         let writers: Vec<_> = (0..WRITERS)
@@ -427,11 +325,11 @@ async fn every_acknowledged_write_survives_sigkill_and_no_multi_key_write_is_hal
                 let prefix = format!("i{iteration}w{w}");
                 let acks = acks.clone();
                 let max_token = max_token.clone();
-                let addr = server.addr;
+                let url = server.url();
                 tokio::spawn(async move {
                     (
                         prefix.clone(),
-                        write_until_killed(addr, prefix, acks, max_token).await,
+                        write_until_killed(url, prefix, acks, max_token).await,
                     )
                 })
             })
@@ -451,24 +349,21 @@ async fn every_acknowledged_write_survives_sigkill_and_no_multi_key_write_is_hal
         }
 
         // Restart and check every write of every iteration so far.
-        let server = ServerProcess::start(dir.path());
-        let mut reader = Client::connect(server.addr).await;
+        let server = ServerProcess::start(serving(dir.path()));
+        let reader = connect(&server.url()).await;
         for (prefix, [multi, single]) in &history {
             let keys = ["a", "b", "c", "s"].map(|k| format!("{prefix}-{k}"));
-            let answer = reader
-                .request(json!({"command": "read", "keys": keys}))
-                .await;
-            let values: Vec<Value> = keys.iter().map(|k| answer["values"][k].clone()).collect();
+            let read = within(reader.read(&keys, false)).await.expect("read");
+            let values: Vec<Value> = keys.iter().map(|k| read[k].clone()).collect();
             check_ledger(&values[..3], *multi, &format!("{prefix} three-key write"));
             check_ledger(&values[3..], *single, &format!("{prefix} single-key write"));
         }
         // Fencing tokens keep increasing across the restart (rule 10).
-        let fresh = reader
-            .request(json!({"command": "lock", "keys": [format!("token-probe-{iteration}")]}))
-            .await;
-        let fresh = fresh["tokens"][format!("token-probe-{iteration}")]
-            .as_u64()
-            .unwrap_or(0);
+        let probe = format!("token-probe-{iteration}");
+        let grant = within(reader.lock(&[&probe], Exclusive, None))
+            .await
+            .expect("lock");
+        let fresh = grant.tokens[&probe];
         let before = max_token.load(Ordering::SeqCst);
         assert!(
             fresh > before,
@@ -482,28 +377,12 @@ async fn every_acknowledged_write_survives_sigkill_and_no_multi_key_write_is_hal
         .any(|(_, [multi, single])| multi.acked + single.acked > 0));
 }
 
-fn run_to_exit(dir: &Path) -> (std::process::ExitStatus, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_locksmith"))
-        .args(["--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(dir)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn locksmith");
-    let (done, finished) = mpsc::channel();
-    let stderr = child.stderr.take().expect("piped stderr");
-    std::thread::spawn(move || {
-        let text = std::io::read_to_string(stderr).unwrap_or_default();
-        let _ = done.send(text);
-    });
-    let text = match finished.recv_timeout(PATIENCE) {
-        Ok(text) => text,
-        Err(_) => {
-            let _ = child.kill();
-            panic!("the server did not exit on a database it must refuse");
-        }
-    };
-    (child.wait().expect("exit status"), text)
+/// Starts the binary on `dir`, which it must refuse; returns its exit status and stderr.
+fn refused_start(dir: &Path) -> (std::process::ExitStatus, String) {
+    let mut command = serving(dir);
+    command.args(["--listen", "127.0.0.1:0"]);
+    let finished = finish(command);
+    (finished.status, finished.stderr)
 }
 
 #[test]
@@ -514,7 +393,7 @@ fn refuses_to_start_over_a_corrupt_database_and_leaves_it_untouched() {
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
         .collect();
     std::fs::write(&file, &garbage).expect("write garbage");
-    let (status, stderr) = run_to_exit(dir.path());
+    let (status, stderr) = refused_start(dir.path());
     assert!(!status.success(), "exit status {status}");
     assert!(stderr.contains("corrupt"), "message: {stderr}");
     assert_eq!(
@@ -527,8 +406,8 @@ fn refuses_to_start_over_a_corrupt_database_and_leaves_it_untouched() {
 #[test]
 fn refuses_to_start_on_a_data_directory_in_use() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let first = ServerProcess::start(dir.path());
-    let (status, stderr) = run_to_exit(dir.path());
+    let first = ServerProcess::start(serving(dir.path()));
+    let (status, stderr) = refused_start(dir.path());
     first.kill();
     assert!(!status.success(), "exit status {status}");
     assert!(

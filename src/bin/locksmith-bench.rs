@@ -26,27 +26,32 @@
 //! that prefix (`{"command":"keys","prefix":…,"limit":1}`) and refuses to run if there is one (an
 //! earlier run's, or the user's), or if the server is too old to answer, unless `--overwrite`.
 //!
+//! Every connection is a [`locksmith::client::Client`] without keepalive (the generator adds no
+//! traffic of its own), and every call waits at most the stall limit (`--lock-timeout` + 10 s).
+//! Requests carry the `id` the client matches answers by; otherwise they are the ones the
+//! figures in BENCHMARKS.md were measured with (`read` and `write` go through
+//! `Client::request`, as the typed methods send no `timeout_ms`).
+//!
 //! Nothing the network can do panics the generator: failures are counted and printed.
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::future::Future;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
-use futures_util::{SinkExt, StreamExt};
+use locksmith::client::{Client, ClientError, LockTableView};
 use locksmith::config::parse_duration;
+use locksmith::lock::LockMode::Exclusive;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
 use serde_json::Value;
-use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tokio_util::sync::CancellationToken;
 
 /// Load generator for a Locksmith server.
@@ -119,8 +124,9 @@ const DEFAULT_KEY_PREFIX: &str = "locksmith-bench/";
 /// Longest `--key-prefix`: keys are at most 1024 bytes, and the generator appends up to ~40.
 const MAX_KEY_PREFIX_BYTES: usize = 900;
 
-/// Checks a `--key-prefix`: it is pasted into JSON text as is, so it may hold no character that
-/// JSON would escape.
+/// Checks a `--key-prefix`: it may hold no character that JSON would escape. (The prefix was once
+/// pasted into JSON text; requests are now built as JSON values, but the flag still accepts
+/// exactly what it accepted then.)
 fn parse_key_prefix(text: &str) -> Result<String, String> {
     if text.len() > MAX_KEY_PREFIX_BYTES {
         return Err(format!(
@@ -161,20 +167,16 @@ impl Mix {
     }
 }
 
-type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
-
 /// Why a connection could not go on (each ends the client that saw it).
 #[derive(Debug)]
 enum Failure {
+    /// The connection could not be opened (or its `hello` was refused).
     Connect(String),
-    Send(String),
-    Receive(String),
-    /// The server closed the connection (with its close code, if any).
-    Closed(Option<u16>),
+    /// The connection ended (closed by the server, broken), or an answer could not be read:
+    /// the library's sentence.
+    Lost(String),
     /// No answer within the stall limit.
     Stalled,
-    /// An answer that is not a JSON object.
-    Garbled(String),
     /// An answer the mix did not expect at this point (e.g. no deadlock where one must be).
     Unexpected(String),
 }
@@ -183,105 +185,79 @@ impl fmt::Display for Failure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Failure::Connect(e) => write!(f, "connect failed: {e}"),
-            Failure::Send(e) => write!(f, "send failed: {e}"),
-            Failure::Receive(e) => write!(f, "receive failed: {e}"),
-            Failure::Closed(Some(code)) => write!(f, "closed by the server (code {code})"),
-            Failure::Closed(None) => write!(f, "closed by the server"),
+            Failure::Lost(e) => write!(f, "{e}"),
             Failure::Stalled => write!(f, "no answer within the stall limit"),
-            Failure::Garbled(e) => write!(f, "answer is not a JSON object: {e}"),
             Failure::Unexpected(e) => write!(f, "unexpected answer: {e}"),
         }
     }
 }
 
-/// One answer from the server.
-struct Answer(serde_json::Map<String, Value>);
-
-impl Answer {
-    fn success(&self) -> bool {
-        self.0.get("success") == Some(&Value::Bool(true))
-    }
-
-    fn code(&self) -> &str {
-        self.0.get("code").and_then(Value::as_str).unwrap_or("?")
+/// Splits what a call returned: the server's answer, success or the error it answered, is `Ok`
+/// (the mix counts it and goes on); a connection that ended or an answer that could not be
+/// read is a [`Failure`].
+fn answered<T>(result: Result<T, ClientError>) -> Result<Result<T, ClientError>, Failure> {
+    match result {
+        Err(error @ (ClientError::ConnectionLost { .. } | ClientError::UnexpectedAnswer(_))) => {
+            Err(Failure::Lost(error.to_string()))
+        }
+        Err(ClientError::Connect { reason, .. }) => Err(Failure::Connect(reason)),
+        Err(ClientError::Unauthorized) => {
+            Err(Failure::Connect(ClientError::Unauthorized.to_string()))
+        }
+        answer => Ok(answer),
     }
 }
 
-/// One WebSocket client, one request at a time.
-struct Client {
-    ws: Ws,
+/// One connection of the generator: a library client, and how long any of its calls may take.
+struct Conn {
+    client: Client,
     /// How long to wait for an answer before giving up on the connection.
     stall: Duration,
 }
 
-impl Client {
-    async fn connect(url: &str, stall: Duration) -> Result<Client, Failure> {
-        // Small buffers: the generator may hold 10,000 connections.
-        let config = WebSocketConfig::default()
-            .read_buffer_size(4 * 1024)
-            .write_buffer_size(0);
-        let connect = tokio_tungstenite::connect_async_with_config(url, Some(config), true);
-        match tokio::time::timeout(stall, connect).await {
-            Ok(Ok((ws, _response))) => Ok(Client { ws, stall }),
+impl Conn {
+    /// Connects (the library says `hello`), within the stall limit. No keepalive: the generator
+    /// adds no traffic of its own (the client's driver still answers the server's pings).
+    async fn open(url: &str, stall: Duration) -> Result<Conn, Failure> {
+        let connecting = Client::builder(url).keepalive(None).connect();
+        match tokio::time::timeout(stall, connecting).await {
+            Ok(Ok(client)) => Ok(Conn { client, stall }),
+            Ok(Err(ClientError::Connect { reason, .. })) => Err(Failure::Connect(reason)),
             Ok(Err(error)) => Err(Failure::Connect(error.to_string())),
             Err(_) => Err(Failure::Connect("timed out".into())),
         }
     }
 
-    async fn send(&mut self, text: String) -> Result<(), Failure> {
-        self.ws
-            .send(Message::text(text))
-            .await
-            .map_err(|e| Failure::Send(e.to_string()))
-    }
-
-    /// The next answer (text frame), skipping control frames.
-    async fn receive(&mut self) -> Result<Answer, Failure> {
-        let deadline = Instant::now() + self.stall;
-        loop {
-            let frame = match tokio::time::timeout_at(deadline, self.ws.next()).await {
-                Err(_) => return Err(Failure::Stalled),
-                Ok(None) => return Err(Failure::Closed(None)),
-                Ok(Some(Err(error))) => return Err(Failure::Receive(error.to_string())),
-                Ok(Some(Ok(frame))) => frame,
-            };
-            match frame {
-                Message::Text(text) => {
-                    return match serde_json::from_str::<Value>(text.as_str()) {
-                        Ok(Value::Object(object)) => Ok(Answer(object)),
-                        Ok(other) => Err(Failure::Garbled(other.to_string())),
-                        Err(error) => Err(Failure::Garbled(error.to_string())),
-                    }
-                }
-                Message::Close(frame) => {
-                    return Err(Failure::Closed(frame.map(|f| u16::from(f.code))))
-                }
-                Message::Binary(_) => return Err(Failure::Garbled("binary frame".into())),
-                Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
-            }
-        }
-    }
-
-    /// Sends `text` and waits for its answer; also returns the round-trip time.
-    async fn call(&mut self, text: String) -> Result<(Answer, Duration), Failure> {
+    /// Runs one call of this connection's client within the stall limit; returns the server's
+    /// answer (or error answer) and the round-trip time, from just before the request is sent
+    /// (the call's first poll) to its parsed answer.
+    async fn timed<T>(
+        &self,
+        call: impl Future<Output = Result<T, ClientError>>,
+    ) -> Result<(Result<T, ClientError>, Duration), Failure> {
         let sent = Instant::now();
-        self.send(text).await?;
-        let answer = self.receive().await?;
-        Ok((answer, sent.elapsed()))
+        let result = tokio::time::timeout(self.stall, call)
+            .await
+            .map_err(|_| Failure::Stalled)?;
+        let elapsed = sent.elapsed();
+        Ok((answered(result)?, elapsed))
     }
 
-    /// Like [`Client::call`] but insists on success.
-    async fn call_ok(&mut self, what: &str, text: String) -> Result<Answer, Failure> {
-        let (answer, _) = self.call(text).await?;
-        if answer.success() {
-            Ok(answer)
-        } else {
-            Err(Failure::Unexpected(format!("{what}: {}", answer.code())))
+    /// Like [`Conn::timed`] but insists on success (`what` names the step in the failure).
+    async fn ok<T>(
+        &self,
+        what: &str,
+        call: impl Future<Output = Result<T, ClientError>>,
+    ) -> Result<(T, Duration), Failure> {
+        match self.timed(call).await? {
+            (Ok(answer), elapsed) => Ok((answer, elapsed)),
+            (Err(error), _) => Err(Failure::Unexpected(format!("{what}: {}", error.code()))),
         }
     }
 
-    async fn close(mut self) {
-        let _ = tokio::time::timeout(Duration::from_secs(1), self.ws.close(None)).await;
+    /// Closes the connection, waiting at most a second.
+    async fn close(self) {
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.client.close()).await;
     }
 }
 
@@ -331,11 +307,12 @@ struct Window {
 
 /// A client of a request/response mix, with its random source.
 struct Worker {
-    client: Client,
+    conn: Conn,
     rng: StdRng,
     args: Arc<Args>,
     stats: Stats,
-    value: String,
+    /// The value of every write.
+    value: Value,
 }
 
 impl Worker {
@@ -344,78 +321,83 @@ impl Worker {
         bench_key(&self.args.key_prefix, n)
     }
 
-    fn timeout_ms(&self) -> u128 {
-        self.args.lock_timeout.as_millis()
+    fn timeout_ms(&self) -> u64 {
+        u64::try_from(self.args.lock_timeout.as_millis()).unwrap_or(u64::MAX)
     }
 
-    /// One round trip: records it if `measure`; `Ok(true)` on success, `Ok(false)` on an error
-    /// answer (counted), `Err` if the connection cannot go on.
-    async fn round_trip(
+    /// Counts one round trip's outcome (and records its time) if `measure`; `true` on success,
+    /// `false` on an error answer (counted).
+    fn count<T>(
         &mut self,
         op: &'static str,
-        text: String,
+        (answer, elapsed): (Result<T, ClientError>, Duration),
         measure: bool,
-    ) -> Result<bool, Failure> {
-        let (answer, elapsed) = self.client.call(text).await?;
+    ) -> bool {
         if measure {
             self.stats.round_trips += 1;
             self.stats.last_end = Some(Instant::now());
         }
-        if answer.success() {
-            if measure {
-                self.stats.record(op, elapsed);
+        match answer {
+            Ok(_) => {
+                if measure {
+                    self.stats.record(op, elapsed);
+                }
+                true
             }
-            Ok(true)
-        } else {
-            self.stats.error(format!("{op}: {}", answer.code()));
-            Ok(false)
+            Err(error) => {
+                self.stats.error(format!("{op}: {}", error.code()));
+                false
+            }
         }
     }
 
     async fn lock_unlock(&mut self, measure: bool) -> Result<(), Failure> {
         let key = self.key();
-        let lock = format!(
-            r#"{{"command":"lock","keys":["{key}"],"mode":"write","timeout_ms":{}}}"#,
-            self.timeout_ms()
-        );
-        if !self.round_trip("lock", lock, measure).await? {
+        let timeout = Some(self.args.lock_timeout);
+        let locked = self
+            .conn
+            .timed(self.conn.client.lock(&[&key], Exclusive, timeout))
+            .await?;
+        if !self.count("lock", locked, measure) {
             return Ok(());
         }
         if !self.args.hold.is_zero() {
             tokio::time::sleep(self.args.hold).await;
         }
-        let unlock = format!(r#"{{"command":"unlock","keys":["{key}"]}}"#);
-        if !self.round_trip("unlock", unlock, measure).await? {
+        let unlocked = self.conn.timed(self.conn.client.unlock(&[&key])).await?;
+        if !self.count("unlock", unlocked, measure) {
             // The lock would stay held for the rest of the run and skew it: stop this client.
             return Err(Failure::Unexpected("unlock refused".into()));
         }
         Ok(())
     }
 
+    // `read` and `write` go through `Client::request`: the typed methods send no `timeout_ms`,
+    // and the requests must stay the ones the figures in BENCHMARKS.md were measured with.
+
     async fn read(&mut self, measure: bool) -> Result<(), Failure> {
         let key = self.key();
-        let text = format!(
-            r#"{{"command":"read","keys":["{key}"],"timeout_ms":{}}}"#,
-            self.timeout_ms()
-        );
-        self.round_trip("read", text, measure).await.map(drop)
+        let request = json!({"command": "read", "keys": [key], "timeout_ms": self.timeout_ms()});
+        let answer = self.conn.timed(self.conn.client.request(request)).await?;
+        self.count("read", answer, measure);
+        Ok(())
     }
 
     async fn write(&mut self, measure: bool) -> Result<(), Failure> {
         let key = self.key();
-        let text = format!(
-            r#"{{"command":"write","keys":["{key}"],"values":["{}"],"timeout_ms":{}}}"#,
-            self.value,
-            self.timeout_ms()
-        );
-        self.round_trip("write", text, measure).await.map(drop)
+        let request = json!({
+            "command": "write", "keys": [key], "values": [self.value], "timeout_ms": self.timeout_ms()
+        });
+        let answer = self.conn.timed(self.conn.client.request(request)).await?;
+        self.count("write", answer, measure);
+        Ok(())
     }
 
-    async fn run(mut self, window: Window) -> (Stats, Option<Client>) {
+    async fn run(mut self, window: Window) -> (Stats, Option<Conn>) {
         loop {
             let now = Instant::now();
             if now >= window.end {
-                return (self.stats, Some(self.client));
+                return (self.stats, Some(self.conn));
             }
             let measure = now >= window.measure_from;
             let step = match self.args.mix {
@@ -427,7 +409,7 @@ impl Worker {
                     1 => self.read(measure).await,
                     _ => self.write(measure).await,
                 },
-                Mix::Deadlock | Mix::Idle => return (self.stats, Some(self.client)),
+                Mix::Deadlock | Mix::Idle => return (self.stats, Some(self.conn)),
             };
             if let Err(failure) = step {
                 self.stats.error(failure.to_string());
@@ -515,11 +497,13 @@ async fn run(args: Args) -> Result<(), String> {
 /// if it does, or if the server cannot say.
 async fn check_prefix_is_free(args: &Args) -> Result<(), String> {
     let request = json!({"command": "keys", "prefix": args.key_prefix, "limit": 1});
+    // A raw request, not `Client::keys`: a successful answer without a `keys` list must refuse
+    // the run, and the typed page would read it as empty.
     let answer = async {
-        let mut client = Client::connect(&args.url, stall_limit(args)).await?;
-        let (answer, _) = client.call(request.to_string()).await?;
-        client.close().await;
-        Ok::<Answer, Failure>(answer)
+        let conn = Conn::open(&args.url, stall_limit(args)).await?;
+        let (answer, _) = conn.timed(conn.client.request(request)).await?;
+        conn.close().await;
+        Ok::<_, Failure>(answer)
     }
     .await
     .map_err(|failure| format!("cannot ask the server for keys under the prefix: {failure}"))?;
@@ -530,24 +514,26 @@ async fn check_prefix_is_free(args: &Args) -> Result<(), String> {
 
 /// What a `keys` answer (asked for one key under `prefix`) says about running a mix that
 /// writes there: `Ok` only for a successful answer with no key.
-fn prefix_verdict(answer: &Answer, prefix: &str) -> Result<(), String> {
+fn prefix_verdict(answer: &Result<Value, ClientError>, prefix: &str) -> Result<(), String> {
     const HOW: &str =
         "pass --overwrite to write over them anyway, or --key-prefix to use other keys";
-    if !answer.success() {
-        if answer.code() == "unknown_command" {
+    let answer = match answer {
+        Ok(answer) => answer,
+        Err(ClientError::UnknownCommand(_)) => {
             return Err(format!(
                 "the server is too old to check whether its store holds keys under {prefix:?} \
                  (it has no `keys` command), and this mix writes: pass --overwrite to run anyway"
-            ));
+            ))
         }
-        let error = answer.0.get("error").and_then(Value::as_str).unwrap_or("");
-        return Err(format!(
+        Err(error) => {
+            return Err(format!(
             "cannot check whether the store holds keys under {prefix:?}: the server answered {} \
-             ({error}); pass --overwrite to run anyway",
-            answer.code()
-        ));
-    }
-    match answer.0.get("keys").and_then(Value::as_array) {
+                 ({error}); pass --overwrite to run anyway",
+            error.code()
+        ))
+        }
+    };
+    match answer.get("keys").and_then(Value::as_array) {
         Some(keys) => match keys.first() {
             None => Ok(()),
             Some(first) => Err(format!(
@@ -569,7 +555,7 @@ fn stall_limit(args: &Args) -> Duration {
 
 /// Opens `count` connections, at most `--connect-concurrency` at a time. Returns the clients
 /// (in no particular order) and the failures.
-async fn connect_all(args: &Arc<Args>, count: usize) -> (Vec<Client>, Stats) {
+async fn connect_all(args: &Arc<Args>, count: usize) -> (Vec<Conn>, Stats) {
     let started = Instant::now();
     let gate = Arc::new(Semaphore::new(args.connect_concurrency.max(1)));
     let mut tasks = JoinSet::new();
@@ -578,11 +564,9 @@ async fn connect_all(args: &Arc<Args>, count: usize) -> (Vec<Client>, Stats) {
         let args = args.clone();
         tasks.spawn(async move {
             let _permit = gate.acquire_owned().await;
-            let mut client = Client::connect(&args.url, stall_limit(&args)).await?;
-            client
-                .call_ok("ping", r#"{"command":"ping"}"#.into())
-                .await?;
-            Ok::<Client, Failure>(client)
+            let conn = Conn::open(&args.url, stall_limit(&args)).await?;
+            conn.ok("ping", conn.client.ping()).await?;
+            Ok::<Conn, Failure>(conn)
         });
     }
     let mut clients = Vec::with_capacity(count);
@@ -608,7 +592,7 @@ async fn request_mix(args: Arc<Args>) -> Result<(), String> {
         print_errors(&stats);
         return Err("no client could connect".into());
     }
-    let value = "x".repeat(args.value_bytes);
+    let value = Value::String("x".repeat(args.value_bytes));
     let start = Instant::now();
     let window = Window {
         measure_from: start + args.warmup,
@@ -618,7 +602,7 @@ async fn request_mix(args: Arc<Args>) -> Result<(), String> {
     let mut tasks = JoinSet::new();
     for client in clients {
         let worker = Worker {
-            client,
+            conn: client,
             rng: StdRng::from_rng(&mut seeds),
             args: args.clone(),
             stats: Stats::default(),
@@ -654,82 +638,74 @@ async fn request_mix(args: Arc<Args>) -> Result<(), String> {
 
 /// One pair of the deadlock mix, with its control connection.
 struct Pair {
-    a: Client,
-    b: Client,
-    control: Client,
-    a_session: String,
+    a: Conn,
+    b: Conn,
+    control: Conn,
     k1: String,
     k2: String,
-    timeout_ms: u128,
+    /// `timeout_ms` of every lock request.
+    lock_timeout: Option<Duration>,
 }
 
 impl Pair {
     async fn open(args: &Args, index: usize) -> Result<Pair, Failure> {
         let stall = stall_limit(args);
-        let mut a = Client::connect(&args.url, stall).await?;
-        let b = Client::connect(&args.url, stall).await?;
-        let control = Client::connect(&args.url, stall).await?;
-        let session = a
-            .call_ok("session", r#"{"command":"session"}"#.into())
-            .await?;
-        let a_session = match session.0.get("session").and_then(Value::as_str) {
-            Some(id) => id.to_owned(),
-            None => return Err(Failure::Unexpected("session: no session id".into())),
-        };
+        let a = Conn::open(&args.url, stall).await?;
+        let b = Conn::open(&args.url, stall).await?;
+        let control = Conn::open(&args.url, stall).await?;
         Ok(Pair {
             a,
             b,
             control,
-            a_session,
             k1: format!("{}deadlock-{index}-1", args.key_prefix),
             k2: format!("{}deadlock-{index}-2", args.key_prefix),
-            timeout_ms: args.lock_timeout.as_millis(),
+            lock_timeout: Some(args.lock_timeout),
         })
     }
 
-    fn lock(&self, key: &str) -> String {
-        format!(
-            r#"{{"command":"lock","keys":["{key}"],"mode":"write","timeout_ms":{}}}"#,
-            self.timeout_ms
-        )
-    }
-
-    /// Is A queued on k2 in this `locks` answer?
-    fn a_is_queued(&self, locks: &Answer) -> bool {
-        let Some(Value::Array(entries)) = locks.0.get("locks") else {
-            return false;
-        };
-        entries.iter().any(|entry| {
-            entry.get("key").and_then(Value::as_str) == Some(self.k2.as_str())
-                && entry
-                    .get("waiters")
-                    .and_then(Value::as_array)
-                    .is_some_and(|waiters| {
-                        waiters.iter().any(|w| {
-                            w.get("session").and_then(Value::as_str)
-                                == Some(self.a_session.as_str())
-                        })
-                    })
+    /// Is A queued on k2 in this lock table?
+    fn a_is_queued(&self, table: &LockTableView) -> bool {
+        let a_session = self.a.client.session_id();
+        table.locks.iter().any(|entry| {
+            entry.key == self.k2 && entry.waiters.iter().any(|w| w.session == a_session)
         })
     }
 
     /// One round. Pushes the round-trip time of each step onto `samples`: `deadlock` is the
     /// time from sending B's cycle-closing request to its answer; `lock`, `locks` (the control
     /// connection's polls) and `unlock` are the other steps, for comparison under the same load.
-    async fn round(&mut self, samples: &mut Vec<(&'static str, Duration)>) -> Result<(), Failure> {
-        let (k1, k2) = (self.k1.clone(), self.k2.clone());
-        let lock_k1 = self.lock(&k1);
-        samples.push(("lock", timed_ok(&mut self.a, "A lock k1", lock_k1).await?.1));
-        let lock_k2 = self.lock(&k2);
-        samples.push(("lock", timed_ok(&mut self.b, "B lock k2", lock_k2).await?.1));
-        // A requests k2 and waits (its answer comes after B gives k2 up).
-        self.a.send(self.lock(&k2)).await?;
-        let queued_by = Instant::now() + self.a.stall;
+    async fn round(&self, samples: &mut Vec<(&'static str, Duration)>) -> Result<(), Failure> {
+        let (a, b, control) = (&self.a, &self.b, &self.control);
+        let (k1, k2) = (self.k1.as_str(), self.k2.as_str());
+        let timeout = self.lock_timeout;
+        samples.push((
+            "lock",
+            a.ok("A lock k1", a.client.lock(&[k1], Exclusive, timeout))
+                .await?
+                .1,
+        ));
+        samples.push((
+            "lock",
+            b.ok("B lock k2", b.client.lock(&[k2], Exclusive, timeout))
+                .await?
+                .1,
+        ));
+        // A requests k2 and waits: polled once, the request goes out now; its answer comes
+        // after B gives k2 up, and is awaited below.
+        let only_k2 = [k2];
+        let a_waits = a.client.lock(&only_k2, Exclusive, timeout);
+        tokio::pin!(a_waits);
+        if let Poll::Ready(early) = futures_util::poll!(a_waits.as_mut()) {
+            return Err(Failure::Unexpected(match answered(early)? {
+                Ok(_) => "A's request for k2 was granted while B held it".into(),
+                Err(error) => format!("A's request for k2 answered {}", error.code()),
+            }));
+        }
+        let queued_by = Instant::now() + a.stall;
         loop {
-            let (locks, elapsed) =
-                timed_ok(&mut self.control, "locks", r#"{"command":"locks"}"#.into()).await?;
+            let (table, elapsed) = control.ok("locks", control.client.locks(None)).await?;
             samples.push(("locks", elapsed));
-            if self.a_is_queued(&locks) {
+            if self.a_is_queued(&table) {
                 break;
             }
             if Instant::now() >= queued_by {
@@ -738,50 +714,40 @@ impl Pair {
             tokio::task::yield_now().await;
         }
         // B closes the cycle: B holds k2 and waits for k1, A holds k1 and waits for k2.
-        let (answer, elapsed) = self.b.call(self.lock(&k1)).await?;
-        if answer.success() || answer.code() != "deadlock" {
-            return Err(Failure::Unexpected(format!(
-                "B's cycle-closing request answered {}",
-                if answer.success() {
-                    "success"
-                } else {
-                    answer.code()
-                }
-            )));
+        let (answer, elapsed) = b.timed(b.client.lock(&[k1], Exclusive, timeout)).await?;
+        match answer {
+            Err(ClientError::Deadlock { .. }) => {}
+            Ok(_) => {
+                return Err(Failure::Unexpected(
+                    "B's cycle-closing request answered success".into(),
+                ))
+            }
+            Err(error) => {
+                return Err(Failure::Unexpected(format!(
+                    "B's cycle-closing request answered {}",
+                    error.code()
+                )))
+            }
         }
         samples.push(("deadlock", elapsed));
-        let unlock_k2 = format!(r#"{{"command":"unlock","keys":["{k2}"]}}"#);
         samples.push((
             "unlock",
-            timed_ok(&mut self.b, "B unlock k2", unlock_k2).await?.1,
+            b.ok("B unlock k2", b.client.unlock(&[k2])).await?.1,
         ));
-        let granted = self.a.receive().await?;
-        if !granted.success() {
+        let granted = tokio::time::timeout(a.stall, a_waits)
+            .await
+            .map_err(|_| Failure::Stalled)?;
+        if let Err(error) = answered(granted)? {
             return Err(Failure::Unexpected(format!(
                 "A's request for k2 answered {}",
-                granted.code()
+                error.code()
             )));
         }
-        let unlock_both = format!(r#"{{"command":"unlock","keys":["{k1}","{k2}"]}}"#);
         samples.push((
             "unlock",
-            timed_ok(&mut self.a, "A unlock", unlock_both).await?.1,
+            a.ok("A unlock", a.client.unlock(&[k1, k2])).await?.1,
         ));
         Ok(())
-    }
-}
-
-/// [`Client::call`] that insists on success, with the round-trip time.
-async fn timed_ok(
-    client: &mut Client,
-    what: &str,
-    text: String,
-) -> Result<(Answer, Duration), Failure> {
-    let (answer, elapsed) = client.call(text).await?;
-    if answer.success() {
-        Ok((answer, elapsed))
-    } else {
-        Err(Failure::Unexpected(format!("{what}: {}", answer.code())))
     }
 }
 
@@ -817,7 +783,7 @@ async fn deadlock(args: Arc<Args>) -> Result<(), String> {
         end: start + args.warmup + args.duration,
     };
     let mut tasks = JoinSet::new();
-    for mut pair in ready {
+    for pair in ready {
         tasks.spawn(async move {
             let mut stats = Stats::default();
             let mut samples = Vec::new();
@@ -901,16 +867,14 @@ async fn idle(args: Arc<Args>) -> Result<(), String> {
         tasks.spawn(async move {
             let permit = gate.acquire_owned().await;
             let connected = async {
-                let mut client = Client::connect(&args.url, stall_limit(&args)).await?;
-                client
-                    .call_ok("ping", r#"{"command":"ping"}"#.into())
-                    .await?;
-                Ok::<Client, Failure>(client)
+                let conn = Conn::open(&args.url, stall_limit(&args)).await?;
+                conn.ok("ping", conn.client.ping()).await?;
+                Ok::<Conn, Failure>(conn)
             }
             .await;
             drop(permit);
-            let mut client = match connected {
-                Ok(client) => client,
+            let conn = match connected {
+                Ok(conn) => conn,
                 Err(failure) => {
                     // Counted by the main task from this message, not again at the end.
                     let _ = opened.send(Err(failure.to_string()));
@@ -920,25 +884,14 @@ async fn idle(args: Arc<Args>) -> Result<(), String> {
             let _ = opened.send(Ok(()));
             // The main task counts senders out: this one has reported.
             drop(opened);
-            // Keep reading: that is what answers the server's keepalive pings.
-            loop {
-                tokio::select! {
-                    () = stop.cancelled() => return Some(Ok(client)),
-                    frame = client.ws.next() => match frame {
-                        Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
-                        Some(Ok(Message::Close(frame))) => {
-                            return Some(Err(Failure::Closed(frame.map(|f| u16::from(f.code)))))
-                        }
-                        Some(Ok(Message::Text(text))) => {
-                            return Some(Err(Failure::Unexpected(format!("unrequested answer {text}"))))
-                        }
-                        Some(Ok(Message::Binary(_))) => {
-                            return Some(Err(Failure::Garbled("binary frame".into())))
-                        }
-                        Some(Err(error)) => return Some(Err(Failure::Receive(error.to_string()))),
-                        None => return Some(Err(Failure::Closed(None))),
-                    },
-                }
+            // The client's driver keeps reading, which answers the server's keepalive pings.
+            let lost = tokio::select! {
+                () = stop.cancelled() => None,
+                lost = conn.client.lost() => Some(lost),
+            };
+            match lost {
+                None => Some(Ok(conn)),
+                Some(error) => Some(Err(Failure::Lost(error.to_string()))),
             }
         });
     }
@@ -1015,26 +968,16 @@ fn read_rss_kib(pid: u32) -> Option<u64> {
 /// Asks the server, on a fresh connection, whether any lock is still held or queued.
 async fn check_lock_table(args: &Args) {
     let outcome = async {
-        let mut client = Client::connect(&args.url, Duration::from_secs(10)).await?;
-        let answer = client
-            .call_ok("locks", r#"{"command":"locks"}"#.into())
-            .await?;
-        client.close().await;
-        Ok::<Answer, Failure>(answer)
+        let conn = Conn::open(&args.url, Duration::from_secs(10)).await?;
+        let (table, _) = conn.ok("locks", conn.client.locks(None)).await?;
+        conn.close().await;
+        Ok::<LockTableView, Failure>(table)
     }
     .await;
     match outcome {
-        Ok(answer) => {
-            let entries = answer
-                .0
-                .get("locks")
-                .and_then(Value::as_array)
-                .map_or(0, Vec::len);
-            let sessions = answer
-                .0
-                .get("sessions")
-                .and_then(Value::as_u64)
-                .unwrap_or(0);
+        Ok(table) => {
+            let entries = table.locks.len();
+            let sessions = table.sessions;
             println!(
                 "lock table after the run: {entries} keys held or queued ({})",
                 if entries == 0 { "ok" } else { "NOT EMPTY" }
@@ -1045,10 +988,10 @@ async fn check_lock_table(args: &Args) {
     }
 }
 
-async fn close_all(clients: Vec<Client>) {
+async fn close_all(conns: Vec<Conn>) {
     let mut tasks = JoinSet::new();
-    for client in clients {
-        tasks.spawn(client.close());
+    for conn in conns {
+        tasks.spawn(conn.close());
     }
     while tasks.join_next().await.is_some() {}
 }
@@ -1140,13 +1083,6 @@ mod tests {
         assert_eq!(args.duration, Duration::from_secs(120));
     }
 
-    fn answer(value: Value) -> Answer {
-        match value {
-            Value::Object(object) => Answer(object),
-            other => panic!("not an object: {other}"),
-        }
-    }
-
     #[test]
     fn keys_live_under_the_bench_prefix_by_default() {
         let args = Args::try_parse_from(["locksmith-bench"]).expect("defaults");
@@ -1182,13 +1118,13 @@ mod tests {
 
     #[test]
     fn no_key_under_the_prefix_lets_the_run_go() {
-        let empty = answer(json!({"success": true, "keys": [], "next": null}));
+        let empty = Ok(json!({"success": true, "keys": [], "next": null}));
         assert_eq!(prefix_verdict(&empty, "locksmith-bench/"), Ok(()));
     }
 
     #[test]
     fn a_key_under_the_prefix_refuses_the_run() {
-        let taken = answer(json!({"success": true, "keys": ["locksmith-bench/k3"], "next": "x"}));
+        let taken = Ok(json!({"success": true, "keys": ["locksmith-bench/k3"], "next": "x"}));
         let refusal = prefix_verdict(&taken, "locksmith-bench/").expect_err("refused");
         assert!(refusal.contains("\"locksmith-bench/k3\""), "{refusal}");
         assert!(refusal.contains("--overwrite"), "{refusal}");
@@ -1196,11 +1132,9 @@ mod tests {
 
     #[test]
     fn a_server_without_the_keys_command_refuses_the_run_as_too_old() {
-        let old = answer(json!({
-            "success": false,
-            "code": "unknown_command",
-            "error": "unknown command \"keys\""
-        }));
+        let old = Err(ClientError::UnknownCommand(
+            "unknown command \"keys\"".into(),
+        ));
         let refusal = prefix_verdict(&old, "locksmith-bench/").expect_err("refused");
         assert!(refusal.contains("too old"), "{refusal}");
         assert!(refusal.contains("--overwrite"), "{refusal}");
@@ -1208,9 +1142,9 @@ mod tests {
 
     #[test]
     fn any_other_answer_to_keys_refuses_the_run() {
-        let failed = answer(json!({"success": false, "code": "bad_request", "error": "no"}));
+        let failed = Err(ClientError::BadRequest("no".into()));
         assert!(prefix_verdict(&failed, "p/").is_err());
-        let odd = answer(json!({"success": true}));
+        let odd = Ok(json!({"success": true}));
         assert!(prefix_verdict(&odd, "p/").is_err());
     }
 }
