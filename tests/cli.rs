@@ -289,3 +289,214 @@ async fn bad_usage_exits_2() {
     );
     server.stop().await;
 }
+
+#[tokio::test]
+async fn set_get_del_and_keys_round_trip_through_the_server() {
+    let server = start(settings()).await;
+    let url = server.url();
+    assert_eq!(run(&url, &["set", "cfg/limit", "42"]).await.0, 0);
+    assert_eq!(
+        run(&url, &["set", "cfg/motd", "--string", "hello all"])
+            .await
+            .0,
+        0
+    );
+    assert_eq!(run(&url, &["set", "other", r#"{"a":[1,2]}"#]).await.0, 0);
+
+    let (status, stdout, _) = run(&url, &["get", "cfg/motd"]).await;
+    assert_eq!(
+        (status, stdout.as_str()),
+        (0, "hello all\n"),
+        "a string as its text"
+    );
+    let (_, stdout, _) = run(&url, &["get", "cfg/limit", "never", "other"]).await;
+    assert_eq!(stdout, "cfg/limit\t42\nnever\tnull\nother\t{\"a\":[1,2]}\n");
+    let (_, stdout, _) = run(&url, &["get", "--json", "cfg/limit", "cfg/motd"]).await;
+    let values: serde_json::Value = serde_json::from_str(&stdout).expect("JSON");
+    assert_eq!(
+        values,
+        serde_json::json!({"cfg/limit": 42, "cfg/motd": "hello all"})
+    );
+
+    let (_, stdout, _) = run(&url, &["keys", "cfg/"]).await;
+    assert_eq!(stdout, "cfg/limit\ncfg/motd\n");
+    let (_, stdout, _) = run(&url, &["keys"]).await;
+    assert_eq!(stdout, "cfg/limit\ncfg/motd\nother\n");
+
+    let (status, stdout, _) = run(&url, &["del", "cfg/motd", "never"]).await;
+    assert_eq!(
+        (status, stdout.as_str()),
+        (0, "1\n"),
+        "one of the two had a value"
+    );
+    let (_, stdout, _) = run(&url, &["keys", "--json", "cfg/"]).await;
+    assert_eq!(stdout.trim(), r#"["cfg/limit"]"#);
+    server.wait_idle().await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn get_waits_for_a_writer_as_the_read_command_does() {
+    let server = start(settings()).await;
+    let holder = connect(&server.url()).await;
+    holder.lock(&["k"], Exclusive, None).await.expect("lock");
+    let mut get = cli(&server.url(), &["get", "k"]).spawn().expect("spawn");
+    server
+        .wait_for("get queued behind the writer", |s| {
+            s.key(&"k".into()).is_some_and(|k| k.queue.len() == 1)
+        })
+        .await;
+    holder
+        .write(&[("k", serde_json::json!("v"))], true)
+        .await
+        .expect("write");
+    holder.unlock(&["k"]).await.expect("unlock");
+    let mut out = stdout_lines(&mut get);
+    assert_eq!(next_line(&mut out).await, "v");
+    assert_eq!(exit_code(&mut get).await, 0);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn locks_and_sessions_show_names_addresses_and_what_each_holds_or_waits_for() {
+    let server = start(settings()).await;
+    let url = server.url();
+    let holder = tokio::time::timeout(BOUND, Client::builder(&url).name("backup").connect())
+        .await
+        .expect("in time")
+        .expect("connect");
+    holder
+        .lock(&["job/a"], Exclusive, None)
+        .await
+        .expect("lock");
+    let mut waiting = cli(&url, &["lock", "job/a", "--", "true"])
+        .spawn()
+        .expect("spawn");
+    server
+        .wait_for("the CLI queued on job/a", |s| {
+            s.key(&"job/a".into()).is_some_and(|k| k.queue.len() == 1)
+        })
+        .await;
+
+    let (status, table, stderr) = run(&url, &["locks", "job/"]).await;
+    assert_eq!(status, 0, "{stderr}");
+    let lines: Vec<&str> = table.lines().collect();
+    assert!(lines[0].starts_with("KEY"), "{table}");
+    let short_id = &holder.session_id()[..8];
+    assert!(
+        lines[1].starts_with("job/a")
+            && lines[1].contains("held")
+            && lines[1].contains("backup (127.0.0.1:")
+            && lines[1].contains(short_id),
+        "{table}"
+    );
+    assert!(
+        lines[2].contains("waiting") && lines[2].contains("true (127.0.0.1:"),
+        "the waiter is named after its command: {table}"
+    );
+    assert!(table.contains("WAITS FOR\ntrue ("), "{table}");
+
+    let (_, json, _) = run(&url, &["locks", "--json"]).await;
+    let view: serde_json::Value = serde_json::from_str(&json).expect("JSON");
+    assert_eq!(view["locks"][0]["holders"][0]["name"], "backup");
+
+    let (status, table, _) = run(&url, &["sessions"]).await;
+    assert_eq!(status, 0);
+    let backup = table
+        .lines()
+        .find(|l| l.contains("backup"))
+        .unwrap_or_else(|| panic!("no backup line: {table}"));
+    assert!(
+        backup.starts_with(short_id) && backup.contains("127.0.0.1:"),
+        "{backup}"
+    );
+    let waiter = table
+        .lines()
+        .find(|l| l.contains(" true "))
+        .unwrap_or_else(|| panic!("no line for the waiting CLI: {table}"));
+    assert!(
+        waiter.trim_end().ends_with("job/a"),
+        "waiting for job/a: {waiter}"
+    );
+
+    holder.close().await;
+    assert_eq!(exit_code(&mut waiting).await, 0);
+    server.stop().await;
+}
+
+fn with_tokens() -> locksmith::server::ServerSettings {
+    locksmith::server::ServerSettings {
+        token: Some("user-token".parse().expect("token")),
+        admin_token: Some("admin-token".parse().expect("token")),
+        ..settings()
+    }
+}
+
+#[tokio::test]
+async fn a_server_with_a_token_refuses_the_cli_without_it_and_serves_it_with_it() {
+    let server = start(with_tokens()).await;
+    let url = server.url();
+    let (status, _, stderr) = run(&url, &["get", "k"]).await;
+    assert_eq!(status, CANNOT_CONNECT, "{stderr}");
+    assert!(stderr.starts_with("locksmith: unauthorized: "), "{stderr}");
+    let (status, _, stderr) = run(&url, &["get", "--token", "wrong", "k"]).await;
+    assert_eq!(status, CANNOT_CONNECT, "{stderr}");
+    let (status, stdout, stderr) = run(&url, &["get", "--token", "user-token", "k"]).await;
+    assert_eq!((status, stdout.as_str()), (0, "null\n"), "{stderr}");
+    let mut from_env = cli(&url, &["get", "k"]);
+    from_env.env("LOCKSMITH_TOKEN", "user-token");
+    let output = tokio::time::timeout(BOUND, from_env.output())
+        .await
+        .expect("in time")
+        .expect("run");
+    assert_eq!(output.status.code(), Some(0), "LOCKSMITH_TOKEN is read");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn kill_ends_a_session_named_by_id_prefix_or_name_and_needs_the_admin_token() {
+    let server = start(with_tokens()).await;
+    let url = server.url();
+    let victim = tokio::time::timeout(
+        BOUND,
+        Client::builder(&url)
+            .token("user-token")
+            .name("stuck-job")
+            .connect(),
+    )
+    .await
+    .expect("in time")
+    .expect("connect");
+    victim.lock(&["k"], Exclusive, None).await.expect("lock");
+
+    let (status, _, stderr) = run(&url, &["kill", "--token", "user-token", "stuck-job"]).await;
+    assert_eq!(status, 14, "refused: {stderr}");
+    assert!(stderr.starts_with("locksmith: forbidden: "), "{stderr}");
+    let (status, _, stderr) = run(&url, &["kill", "--token", "admin-token", "nobody"]).await;
+    assert_eq!(status, 14, "{stderr}");
+    assert!(stderr.starts_with("locksmith: not_found: "), "{stderr}");
+
+    let (status, stdout, stderr) =
+        run(&url, &["kill", "--token", "admin-token", "stuck-job"]).await;
+    assert_eq!(status, 0, "{stderr}");
+    assert_eq!(stdout, format!("killed {}\n", victim.session_id()));
+    assert!(
+        holders(&server.snapshot(), "k").is_empty(),
+        "released by the kill"
+    );
+    tokio::time::timeout(BOUND, victim.lost())
+        .await
+        .expect("the victim's connection is closed");
+
+    let second = tokio::time::timeout(BOUND, Client::builder(&url).token("user-token").connect())
+        .await
+        .expect("in time")
+        .expect("connect");
+    let prefix = &second.session_id()[..8];
+    let (status, _, stderr) = run(&url, &["kill", "--token", "admin-token", prefix]).await;
+    assert_eq!(status, 0, "by id prefix: {stderr}");
+    tokio::time::timeout(BOUND, second.lost())
+        .await
+        .expect("closed");
+    server.stop().await;
+}

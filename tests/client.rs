@@ -274,3 +274,163 @@ async fn a_server_that_stops_answering_pings_is_noticed_by_the_keepalive() {
     assert!(lost.to_string().contains("nothing heard"), "{lost}");
     drop(silenced);
 }
+
+#[tokio::test]
+async fn a_named_client_is_shown_by_name_in_sessions_and_locks() {
+    let server = start(settings()).await;
+    let client = tokio::time::timeout(
+        BOUND,
+        Client::builder(&server.url()).name("billing").connect(),
+    )
+    .await
+    .expect("in time")
+    .expect("connect");
+    assert_eq!(client.name(), Some("billing"));
+    client
+        .lock(&["invoice/7"], Exclusive, None)
+        .await
+        .expect("lock");
+    let sessions = client.sessions().await.expect("sessions");
+    let me = sessions
+        .iter()
+        .find(|s| s.session == client.session_id())
+        .expect("listed");
+    assert_eq!(me.name.as_deref(), Some("billing"));
+    assert_eq!(me.held, 1);
+    assert!(me.peer.starts_with("127.0.0.1:"), "{}", me.peer);
+    let table = client.locks(Some("invoice/")).await.expect("locks");
+    assert_eq!(table.locks.len(), 1);
+    assert_eq!(table.locks[0].holders[0].name.as_deref(), Some("billing"));
+    assert!(table.locks[0].holders[0].held_ms.is_some());
+    let renamed = client.hello(Some("billing-2")).await.expect("hello");
+    assert_eq!(renamed.name.as_deref(), Some("billing-2"));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn delete_and_keys_page_through_what_is_stored() {
+    let server = start(settings()).await;
+    let client = connect(&server.url()).await;
+    let entries: Vec<(String, serde_json::Value)> =
+        (0..5).map(|n| (format!("p/{n}"), json!(n))).collect();
+    client.write(&entries, false).await.expect("write");
+    let first = client.keys("p/", Some(2), None).await.expect("keys");
+    assert_eq!(first.keys, ["p/0", "p/1"]);
+    let second = client
+        .keys("p/", Some(2), first.next.as_deref())
+        .await
+        .expect("keys");
+    assert_eq!(second.keys, ["p/2", "p/3"]);
+    let last = client
+        .keys("p/", Some(2), second.next.as_deref())
+        .await
+        .expect("keys");
+    assert_eq!(
+        (last.keys.as_slice(), last.next),
+        (&["p/4".to_owned()][..], None)
+    );
+    let deleted = client.delete(&["p/0", "p/9"], false).await.expect("delete");
+    assert_eq!(deleted.deleted, 1);
+    assert_eq!(deleted.tokens.len(), 2);
+    assert_eq!(
+        client.read(&["p/0"], false).await.expect("read")["p/0"],
+        json!(null)
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn cancel_withdraws_this_clients_wait_which_fails_cancelled() {
+    let server = start(settings()).await;
+    let holder = connect(&server.url()).await;
+    let waiter = std::sync::Arc::new(connect(&server.url()).await);
+    holder.lock(&["k"], Exclusive, None).await.expect("lock");
+    let waiting = {
+        let waiter = waiter.clone();
+        tokio::spawn(async move { waiter.lock(&["k"], Exclusive, None).await })
+    };
+    server.wait_queued(waiter.session_id(), "k").await;
+    assert!(
+        waiter.cancel().await.expect("cancel"),
+        "a wait was withdrawn"
+    );
+    let answer = tokio::time::timeout(BOUND, waiting).await.expect("in time");
+    assert_eq!(
+        answer.expect("task").expect_err("withdrawn").code(),
+        "cancelled"
+    );
+    assert!(
+        !waiter.cancel().await.expect("cancel"),
+        "nothing left to withdraw"
+    );
+    waiter.ping().await.expect("the connection goes on");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_killed_client_sees_its_wait_answered_killed_and_its_connection_lost() {
+    let server = start(ServerSettings {
+        admin_token: Some("admin".parse().expect("token")),
+        ..settings()
+    })
+    .await;
+    let admin = tokio::time::timeout(
+        BOUND,
+        Client::builder(&server.url()).token("admin").connect(),
+    )
+    .await
+    .expect("in time")
+    .expect("connect");
+    let holder = connect(&server.url()).await;
+    let victim = std::sync::Arc::new(connect(&server.url()).await);
+    holder.lock(&["k"], Exclusive, None).await.expect("lock");
+    let waiting = {
+        let victim = victim.clone();
+        tokio::spawn(async move { victim.lock(&["k"], Exclusive, None).await })
+    };
+    server.wait_queued(victim.session_id(), "k").await;
+    let forbidden = holder
+        .kill(victim.session_id())
+        .await
+        .expect_err("not an admin");
+    assert_eq!(forbidden.code(), "forbidden");
+    admin.kill(victim.session_id()).await.expect("kill");
+    let answer = tokio::time::timeout(BOUND, waiting).await.expect("in time");
+    assert_eq!(answer.expect("task").expect_err("killed").code(), "killed");
+    let lost = tokio::time::timeout(BOUND, victim.lost())
+        .await
+        .expect("closed");
+    assert!(lost.to_string().contains("1008"), "{lost}");
+    let missing = admin.kill(victim.session_id()).await.expect_err("gone");
+    assert_eq!(missing.code(), "not_found");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_wrong_token_is_unauthorized() {
+    let server = start(ServerSettings {
+        token: Some("right".parse().expect("token")),
+        ..settings()
+    })
+    .await;
+    for builder in [
+        Client::builder(&server.url()),
+        Client::builder(&server.url()).token("wrong"),
+    ] {
+        let refused = tokio::time::timeout(BOUND, builder.connect())
+            .await
+            .expect("in time");
+        assert_eq!(
+            refused.err().map(|e| e.code().to_owned()),
+            Some("unauthorized".into())
+        );
+    }
+    let admitted = tokio::time::timeout(
+        BOUND,
+        Client::builder(&server.url()).token("right").connect(),
+    )
+    .await
+    .expect("in time");
+    assert!(admitted.is_ok());
+    server.stop().await;
+}
