@@ -13,13 +13,24 @@ use locksmith::server::{self, ServerSettings};
 use locksmith::store::{MemoryStore, RedbStore, Store};
 use tracing_subscriber::EnvFilter;
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let cli = Cli::parse();
     let config = match cli.command {
         None => cli.serve,
         Some(CliCommand::Serve(config)) => config,
-        Some(command) => return locksmith::cli::run(command).await,
+        // A client command is one connection: one thread starts faster than a pool of them.
+        Some(command) => {
+            return match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime.block_on(locksmith::cli::run(command)),
+                Err(error) => {
+                    eprintln!("locksmith: cannot start the runtime: {error}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
     };
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -27,7 +38,14 @@ async fn main() -> ExitCode {
         )
         .with_ansi(std::io::stdout().is_terminal())
         .init();
-    match run(config).await {
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("locksmith: cannot start the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!("{error}");
