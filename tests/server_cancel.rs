@@ -7,7 +7,7 @@ mod wire;
 use std::sync::Arc;
 
 use futures_util::future::BoxFuture;
-use locksmith::store::{MemoryStore, Store, StoreError};
+use locksmith::store::{KeysPage, MemoryStore, Store, StoreError};
 use serde_json::{json, Value};
 use tokio::sync::Semaphore;
 use wire::{settings, start, Client, BOUND};
@@ -97,11 +97,23 @@ impl Store for GatedStore {
         self.inner.read(keys)
     }
 
-    fn write(&self, entries: Vec<(String, Value)>) -> BoxFuture<'_, Result<(), StoreError>> {
+    fn apply(
+        &self,
+        changes: Vec<(String, Option<Value>)>,
+    ) -> BoxFuture<'_, Result<(), StoreError>> {
         Box::pin(async move {
             let _permit = self.gate.acquire().await;
-            self.inner.write(entries).await
+            self.inner.apply(changes).await
         })
+    }
+
+    fn keys(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<KeysPage, StoreError> {
+        self.inner.keys(prefix, after, limit)
     }
 }
 

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use locksmith::lock::LockMode;
-use locksmith::store::{Store, StoreError};
+use locksmith::store::{KeysPage, Store, StoreError};
 use serde_json::{json, Value};
 use wire::{holders, settings, start, wire_holders, Client, BOUND};
 
@@ -689,8 +689,20 @@ impl Store for BrokenStore {
         Err(StoreError::Storage("disk on fire".into()))
     }
 
-    fn write(&self, _entries: Vec<(String, Value)>) -> BoxFuture<'_, Result<(), StoreError>> {
+    fn apply(
+        &self,
+        _changes: Vec<(String, Option<Value>)>,
+    ) -> BoxFuture<'_, Result<(), StoreError>> {
         Box::pin(async { Err(StoreError::Storage("disk on fire".into())) })
+    }
+
+    fn keys(
+        &self,
+        _prefix: &str,
+        _after: Option<&str>,
+        _limit: usize,
+    ) -> Result<KeysPage, StoreError> {
+        Err(StoreError::Storage("disk on fire".into()))
     }
 }
 

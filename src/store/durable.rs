@@ -207,10 +207,6 @@ impl Store for RedbStore {
         Ok(page_of(&committed, prefix, after, limit))
     }
 
-    fn write(&self, entries: Vec<(String, Value)>) -> BoxFuture<'_, Result<(), StoreError>> {
-        self.apply(entries.into_iter().map(|(k, v)| (k, Some(v))).collect())
-    }
-
     fn apply(
         &self,
         entries: Vec<(String, Option<Value>)>,

@@ -32,12 +32,6 @@ impl Store for MemoryStore {
         Ok(keys.iter().map(|k| values.get(*k).cloned()).collect())
     }
 
-    fn write(&self, entries: Vec<(String, Value)>) -> BoxFuture<'_, Result<(), StoreError>> {
-        let mut values = self.values();
-        values.extend(entries);
-        Box::pin(std::future::ready(Ok(())))
-    }
-
     fn apply(
         &self,
         changes: Vec<(String, Option<Value>)>,

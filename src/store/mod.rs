@@ -4,9 +4,9 @@
 //! - [`memory`]: values in a process-local map (lost on exit); `--in-memory`.
 //! - [`durable`]: values in an embedded redb database, group-committed; the default.
 //!
-//! Contract every implementation keeps: a `write` or `apply` of several keys (`apply` mixes sets
-//! and deletes) is atomic (a reader sees all of it or none of it), and when `write` returns `Err` nothing of it
-//! was applied. Values are kept in key order, so [`Store::keys`] pages through them in
+//! Contract every implementation keeps: an `apply` of several changes (sets and deletes) is
+//! atomic (a reader sees all of it or none of it), and when it returns `Err` nothing of it was
+//! applied. Values are kept in key order, so [`Store::keys`] pages through them in
 //! O(log n + page).
 
 pub mod durable;
@@ -47,55 +47,32 @@ pub trait Store: Send + Sync + 'static {
     /// `StoreError::Storage` if the backend cannot be read.
     fn read(&self, keys: &[&str]) -> Result<Vec<Option<Value>>, StoreError>;
 
-    /// Sets every `(key, value)` pair, atomically: all of them or none. Resolves once the write
-    /// is as durable as the store promises.
-    ///
-    /// # Errors
-    /// `StoreError::Storage` if the backend failed; then nothing was written.
-    fn write(&self, entries: Vec<(String, Value)>) -> BoxFuture<'_, Result<(), StoreError>>;
-
     /// Applies every change, atomically: all of them or none. `(key, Some(value))` sets the key,
     /// `(key, None)` deletes it (a later read gives `None`). Resolves once the change is as
-    /// durable as the store promises (for the durable store: in the same group commit as
-    /// writes).
-    ///
-    /// Both stores of the server implement it. The provided version, for stores that only
-    /// implement `write`, passes changes without a delete on to `write` and refuses the others.
+    /// durable as the store promises (for the durable store: committed, with an fsync, in one
+    /// group commit with the changes that arrived together).
     ///
     /// # Errors
     /// `StoreError::Storage` if the backend failed; then nothing was changed.
-    fn apply(
-        &self,
-        changes: Vec<(String, Option<Value>)>,
-    ) -> BoxFuture<'_, Result<(), StoreError>> {
-        let sets: Option<Vec<(String, Value)>> = changes
-            .into_iter()
-            .map(|(key, value)| Some((key, value?)))
-            .collect();
-        match sets {
-            Some(sets) => self.write(sets),
-            None => Box::pin(std::future::ready(Err(StoreError::Storage(
-                "this store cannot delete keys".into(),
-            )))),
-        }
+    fn apply(&self, changes: Vec<(String, Option<Value>)>)
+        -> BoxFuture<'_, Result<(), StoreError>>;
+
+    /// Sets every `(key, value)` pair, atomically: [`apply`](Self::apply) without deletes.
+    ///
+    /// # Errors
+    /// As [`apply`](Self::apply).
+    fn write(&self, entries: Vec<(String, Value)>) -> BoxFuture<'_, Result<(), StoreError>> {
+        self.apply(entries.into_iter().map(|(k, v)| (k, Some(v))).collect())
     }
 
     /// The keys that have a value, start with `prefix` and come after `after` (exclusive), in
     /// byte order, at most `limit` of them; `more` says whether further keys match. A listing of
-    /// the committed values at one moment. The provided version, for stores that cannot list,
-    /// fails.
+    /// the committed values at one moment.
     ///
     /// # Errors
     /// `StoreError::Storage` if the backend cannot be read.
-    fn keys(
-        &self,
-        prefix: &str,
-        after: Option<&str>,
-        limit: usize,
-    ) -> Result<KeysPage, StoreError> {
-        let _ = (prefix, after, limit);
-        Err(StoreError::Storage("this store cannot list keys".into()))
-    }
+    fn keys(&self, prefix: &str, after: Option<&str>, limit: usize)
+        -> Result<KeysPage, StoreError>;
 }
 
 /// One page of [`Store::keys`].
