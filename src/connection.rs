@@ -107,6 +107,12 @@ enum Ending {
 
 /// Serves one upgraded connection until it ends. The session (and with it every lock the client
 /// held) is released before this returns.
+///
+/// However the connection ends, its request in progress settles first ([`settle`]): a lock
+/// wait is withdrawn, and a write already being committed finishes, so its keys are never
+/// released while its values may still land. Then the session is released, and only then are
+/// the last answers of a shutdown or a kill sent: a client that does not read cannot hold the
+/// release up.
 pub async fn serve(
     mut socket: WebSocket,
     client: Client,
@@ -119,8 +125,38 @@ pub async fn serve(
     let id = session.id();
     tracing::debug!(session = %id, %peer, "connection opened");
     let mut served = 0u64;
-    let ending = run(&mut socket, &session, settings, &shutdown, &mut served).await;
+    let mut owed = Owed::default();
+    let ending = run(
+        &mut socket,
+        &session,
+        &mut owed,
+        settings,
+        &shutdown,
+        &mut served,
+    )
+    .await;
+    settle(&session, &mut owed).await;
+    let farewell = match ending {
+        Ending::Shutdown => Some(owed.farewell(
+            &ServiceError::ShuttingDown,
+            close_code::GOING_AWAY,
+            "server shutting down",
+        )),
+        Ending::Killed => Some(owed.farewell(
+            &ServiceError::Killed,
+            close_code::POLICY,
+            "killed by an administrator",
+        )),
+        _ => {
+            drop(owed);
+            None
+        }
+    };
     drop(session);
+    if let Some(farewell) = farewell {
+        let close_limit = settings.idle_timeout.unwrap_or(CLOSE_SEND_LIMIT);
+        farewell.send(&mut socket, close_limit).await;
+    }
     match &ending {
         Ending::Broken(error) => {
             tracing::warn!(session = %id, %peer, served, error = %error, "connection broken")
@@ -129,6 +165,80 @@ pub async fn serve(
             tracing::warn!(session = %id, %peer, served, error = %error, "WebSocket protocol violation")
         }
         _ => tracing::debug!(session = %id, %peer, served, reason = ?ending, "connection closed"),
+    }
+}
+
+/// Longest a connection that ends waits for its request in progress to settle before the
+/// session is released. A commit takes milliseconds; a store that hangs longer is abandoned.
+const SETTLE_LIMIT: Duration = Duration::from_secs(10);
+
+/// Lets the request in progress finish before the session is released: its lock wait is
+/// withdrawn (it then fails at once), and a write past its wait completes its commit.
+async fn settle(session: &ClientSession, owed: &mut Owed<'_>) {
+    let Some((_, in_flight)) = owed.in_flight.as_mut() else {
+        return;
+    };
+    session.cancel_wait();
+    if tokio::time::timeout(SETTLE_LIMIT, in_flight).await.is_err() {
+        tracing::warn!(session = %session.id(), "a request did not settle in {SETTLE_LIMIT:?}; abandoning it");
+    }
+}
+
+/// What the connection still owes its client: the request in progress and those waiting for
+/// their turn.
+#[derive(Default)]
+struct Owed<'a> {
+    /// The request being carried out, with its id.
+    in_flight: Option<(Option<Value>, InFlight<'a>)>,
+    /// Answers of `cancel`s that withdrew the request in flight: sent right after its answer.
+    after_in_flight: Vec<String>,
+    /// Requests waiting for their turn, decoded when they arrived.
+    queued: VecDeque<Incoming>,
+}
+
+impl Owed<'_> {
+    /// The answers owed when the connection ends early (shutdown, kill): `error` for the request
+    /// in flight, then the answers of `cancel`s that withdrew it, then, in order, `error` for
+    /// every queued request (a queued request already carried out keeps its answer); then the
+    /// close frame.
+    fn farewell(self, error: &ServiceError, code: u16, reason: &'static str) -> Farewell {
+        let mut answers: Vec<String> = self
+            .in_flight
+            .map(|(id, _)| protocol::encode_error(id.as_ref(), error))
+            .into_iter()
+            .collect();
+        answers.extend(self.after_in_flight);
+        answers.extend(self.queued.into_iter().map(|incoming| match incoming {
+            Incoming::Answered(text) => text,
+            other => protocol::encode_error(other.id().as_ref(), error),
+        }));
+        Farewell {
+            answers,
+            code,
+            reason,
+        }
+    }
+}
+
+/// The last words of a connection ended by the server: answers, then a close frame.
+struct Farewell {
+    answers: Vec<String>,
+    code: u16,
+    reason: &'static str,
+}
+
+impl Farewell {
+    /// Sends it, each message within `limit`; stops at the first that fails.
+    async fn send(self, socket: &mut WebSocket, limit: Duration) {
+        for text in self.answers {
+            if send(socket, Message::Text(text.into()), Some(limit))
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+        close(socket, self.code, self.reason, limit).await;
     }
 }
 
@@ -150,17 +260,21 @@ pub async fn refuse_busy(mut socket: WebSocket) {
     .await;
 }
 
-async fn run(
+/// The connection's loop: reads frames, starts requests in turn, sends their answers. Returns
+/// why it ended; what it still owes is left in `owed`.
+async fn run<'a>(
     socket: &mut WebSocket,
-    session: &ClientSession,
+    session: &'a ClientSession,
+    owed: &mut Owed<'a>,
     settings: ConnectionSettings,
     shutdown: &CancellationToken,
     served: &mut u64,
 ) -> Ending {
-    let mut queued: VecDeque<Incoming> = VecDeque::new();
-    let mut in_flight: Option<(Option<Value>, InFlight<'_>)> = None;
-    // Answers of `cancel`s that withdrew the request in flight: sent right after its answer.
-    let mut after_in_flight: Vec<String> = Vec::new();
+    let Owed {
+        in_flight,
+        after_in_flight,
+        queued,
+    } = owed;
     let killed = session.killed();
     let mut last_heard = Instant::now();
     // Last time we heard from the client or pinged it: the keepalive acts after `tick` of this.
@@ -183,8 +297,10 @@ async fn run(
                 Incoming::Decoded(decoded) => decoded,
                 Incoming::Answered(text) => {
                     *served += 1;
-                    if let Err(error) = send(socket, Message::Text(text.into()), send_limit).await {
-                        return Ending::Broken(error);
+                    if let Err(ending) =
+                        send_unless_killed(socket, text, send_limit, killed, after_in_flight).await
+                    {
+                        return ending;
                     }
                     continue;
                 }
@@ -192,15 +308,17 @@ async fn run(
             match decoded {
                 Ok(request) => {
                     let id = request.id.clone();
-                    in_flight =
+                    *in_flight =
                         Some((id, Box::pin(async move { session.execute(&request).await })));
                 }
                 Err((id, error)) => {
                     *served += 1;
                     tracing::debug!(session = %session.id(), code = error.code(), "bad request");
                     let text = protocol::encode_error(id.as_ref(), &error);
-                    if let Err(error) = send(socket, Message::Text(text.into()), send_limit).await {
-                        return Ending::Broken(error);
+                    if let Err(ending) =
+                        send_unless_killed(socket, text, send_limit, killed, after_in_flight).await
+                    {
+                        return ending;
                     }
                 }
             }
@@ -213,20 +331,12 @@ async fn run(
         };
         tokio::select! {
             biased;
-            () = shutdown.cancelled() => {
-                let answers = refuse_all(in_flight.take(), &mut after_in_flight, &mut queued, &ServiceError::ShuttingDown);
-                for text in answers {
-                    if send(socket, Message::Text(text.into()), Some(close_limit)).await.is_err() {
-                        return Ending::Shutdown;
-                    }
-                }
-                close(socket, close_code::GOING_AWAY, "server shutting down", close_limit).await;
-                return Ending::Shutdown;
-            }
+            () = shutdown.cancelled() => return Ending::Shutdown,
             result = async { match in_flight.as_mut() { Some((_, future)) => future.await, None => std::future::pending().await } }, if in_flight.is_some() => {
                 let id = in_flight.take().and_then(|(id, _)| id);
                 *served += 1;
-                // The kill closed the session under the request: say why it failed.
+                // The kill closed the session under the request (the kill's last resort): say
+                // why it failed.
                 let result = match result {
                     Err(ServiceError::Lock(LockError::SessionClosed)) if killed.is_cancelled() => Err(ServiceError::Killed),
                     other => other,
@@ -235,9 +345,11 @@ async fn run(
                     Ok(reply) => protocol::encode_reply(id.as_ref(), reply),
                     Err(error) => protocol::encode_error(id.as_ref(), error),
                 };
-                for text in std::iter::once(text).chain(after_in_flight.drain(..)) {
-                    if let Err(error) = send(socket, Message::Text(text.into()), send_limit).await {
-                        return Ending::Broken(error);
+                let mut answers = std::iter::once(text).chain(std::mem::take(after_in_flight)).collect::<VecDeque<_>>();
+                while let Some(text) = answers.pop_front() {
+                    if let Err(ending) = send_unless_killed(socket, text, send_limit, killed, after_in_flight).await {
+                        after_in_flight.extend(answers);
+                        return ending;
                     }
                 }
             }
@@ -247,13 +359,6 @@ async fn run(
                 while let Some(Some(Ok(Message::Text(text)))) = socket.recv().now_or_never() {
                     queued.push_back(Incoming::Decoded(protocol::decode(text.as_str(), settings.limits)));
                 }
-                let answers = refuse_all(in_flight.take(), &mut after_in_flight, &mut queued, &ServiceError::Killed);
-                for text in answers {
-                    if send(socket, Message::Text(text.into()), Some(close_limit)).await.is_err() {
-                        return Ending::Killed;
-                    }
-                }
-                close(socket, close_code::POLICY, "killed by an administrator", close_limit).await;
                 return Ending::Killed;
             }
             frame = socket.recv() => {
@@ -319,7 +424,12 @@ async fn run(
                     close(socket, close_code::GOING_AWAY, "idle timeout", close_limit).await;
                     return Ending::Idle;
                 }
-                if let Err(error) = send(socket, Message::Ping(Default::default()), send_limit).await {
+                let ping = tokio::select! {
+                    biased;
+                    () = killed.cancelled() => return Ending::Killed,
+                    sent = send(socket, Message::Ping(Default::default()), send_limit) => sent,
+                };
+                if let Err(error) = ping {
                     return Ending::Broken(format!("ping failed: {error}"));
                 }
                 last_poke = Instant::now();
@@ -328,25 +438,28 @@ async fn run(
     }
 }
 
-/// The answers owed when the connection ends early (shutdown, kill): `error` for the request in
-/// flight, then the answers of `cancel`s that withdrew it, then, in order, `error` for every
-/// queued request (a queued request already carried out keeps its answer).
-fn refuse_all(
-    in_flight: Option<(Option<Value>, InFlight<'_>)>,
-    after_in_flight: &mut Vec<String>,
-    queued: &mut VecDeque<Incoming>,
-    error: &ServiceError,
-) -> Vec<String> {
-    let mut answers: Vec<String> = in_flight
-        .map(|(id, _)| protocol::encode_error(id.as_ref(), error))
-        .into_iter()
-        .collect();
-    answers.append(after_in_flight);
-    answers.extend(queued.drain(..).map(|incoming| match incoming {
-        Incoming::Answered(text) => text,
-        other => protocol::encode_error(other.id().as_ref(), error),
-    }));
-    answers
+/// Sends one answer like [`send`], but gives up as soon as the session is killed: a client that
+/// stops reading must not hold up the release a `kill` waits for. An answer not yet started
+/// when the kill is seen goes to `unsent`, to be sent with the connection's last words.
+///
+/// # Errors
+/// The ending: `Killed`, or `Broken` if the send failed.
+async fn send_unless_killed(
+    socket: &mut WebSocket,
+    text: String,
+    limit: Option<Duration>,
+    killed: &CancellationToken,
+    unsent: &mut Vec<String>,
+) -> Result<(), Ending> {
+    if killed.is_cancelled() {
+        unsent.push(text);
+        return Err(Ending::Killed);
+    }
+    tokio::select! {
+        biased;
+        () = killed.cancelled() => Err(Ending::Killed),
+        sent = send(socket, Message::Text(text.into()), limit) => sent.map_err(Ending::Broken),
+    }
 }
 
 /// What a read error says about the client.

@@ -36,6 +36,9 @@ struct Entry {
     admin: bool,
     /// Cancelled by `kill`: the connection watches it, answers `killed` and closes.
     kill: CancellationToken,
+    /// Cancelled when the entry goes, after the session's locks are released: what `kill`
+    /// waits for before it answers.
+    gone: CancellationToken,
 }
 
 /// One open session as [`Registry::list`] shows it.
@@ -59,6 +62,8 @@ pub struct Registration {
     session: SessionId,
     /// The entry's kill handle, which the connection watches.
     kill: CancellationToken,
+    /// Cancelled when this registration is dropped.
+    gone: CancellationToken,
 }
 
 impl Registration {
@@ -71,6 +76,7 @@ impl Registration {
 impl Drop for Registration {
     fn drop(&mut self) {
         self.registry.entries().remove(&self.session);
+        self.gone.cancel();
     }
 }
 
@@ -89,6 +95,7 @@ impl Registry {
         admin: bool,
     ) -> Registration {
         let kill = CancellationToken::new();
+        let gone = CancellationToken::new();
         self.entries().insert(
             session,
             Entry {
@@ -97,12 +104,14 @@ impl Registry {
                 connected_at: Instant::now(),
                 admin,
                 kill: kill.clone(),
+                gone: gone.clone(),
             },
         );
         Registration {
             registry: self.clone(),
             session,
             kill,
+            gone,
         }
     }
 
@@ -147,17 +156,21 @@ impl Registry {
         listed
     }
 
-    /// Tells `session`'s connection that it is killed. Returns false if no such session is
-    /// open. Releasing its locks is the caller's part (the lock manager's `close_session`).
-    pub fn kill(&self, session: SessionId) -> bool {
-        let token = self.entries().get(&session).map(|e| e.kill.clone());
-        match token {
-            Some(token) => {
-                token.cancel();
-                true
-            }
-            None => false,
-        }
+    /// Tells `session`'s connection that it is killed; it then releases the session (see
+    /// `connection`). Returns what is cancelled once the session is gone (its locks released),
+    /// or `None` if no such session is open.
+    pub fn kill(&self, session: SessionId) -> Option<CancellationToken> {
+        let entry = self.entries();
+        let entry = entry.get(&session)?;
+        entry.kill.cancel();
+        Some(entry.gone.clone())
+    }
+
+    /// Has `session` been killed (and is it still closing)? For diagnostics and tests.
+    pub fn is_killed(&self, session: SessionId) -> bool {
+        self.entries()
+            .get(&session)
+            .is_some_and(|entry| entry.kill.is_cancelled())
     }
 
     /// Locks the map. A panic while it was held cannot leave an entry half-written, so a
@@ -193,14 +206,17 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn kill_cancels_the_sessions_handle_and_finds_no_other() {
+    async fn kill_cancels_the_sessions_handle_and_gone_follows_its_registration() {
         let registry = Registry::new();
         let a = SessionId::from_u128(1);
         let registration = registry.register(a, peer(), None, false);
         assert!(!registration.killed().is_cancelled());
-        assert!(!registry.kill(SessionId::from_u128(9)));
-        assert!(registry.kill(a));
-        assert!(registration.killed().is_cancelled());
+        assert!(registry.kill(SessionId::from_u128(9)).is_none());
+        let gone = registry.kill(a).expect("a is open");
+        assert!(registration.killed().is_cancelled() && registry.is_killed(a));
+        assert!(!gone.is_cancelled(), "gone only when the registration goes");
+        drop(registration);
+        assert!(gone.is_cancelled());
     }
 
     #[tokio::test]

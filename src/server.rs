@@ -131,6 +131,8 @@ struct AppState {
 pub struct RunningServer {
     addrs: Vec<SocketAddr>,
     locks: LockManager,
+    /// The directory of open sessions, for diagnostics and tests.
+    registry: Registry,
     shutdown: CancellationToken,
     tracker: TaskTracker,
     listeners: JoinSet<io::Result<()>>,
@@ -332,12 +334,13 @@ pub fn start(
     locks.raise_token_floor(settings.token_floor);
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
+    let registry = Registry::new();
     let state = Arc::new(AppState {
         context: SessionContext {
             locks: locks.clone(),
             store,
             default_timeout: settings.lock_timeout,
-            registry: Registry::new(),
+            registry: registry.clone(),
             deadlock_log: Arc::new(std::sync::Mutex::new(LogLimit::new(DEADLOCK_LOG_INTERVAL))),
         },
         connection: ConnectionSettings {
@@ -390,6 +393,7 @@ pub fn start(
     Ok(RunningServer {
         addrs,
         locks,
+        registry,
         shutdown,
         tracker,
         listeners: tasks,
@@ -405,6 +409,11 @@ impl RunningServer {
     /// The server's lock manager (for diagnostics and tests).
     pub fn lock_manager(&self) -> &LockManager {
         &self.locks
+    }
+
+    /// The directory of open sessions (for diagnostics and tests).
+    pub fn registry(&self) -> &Registry {
+        &self.registry
     }
 
     /// A token that starts the shutdown when cancelled.

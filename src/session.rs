@@ -28,6 +28,10 @@ use crate::protocol::{Command, NamedMember, Reply, Request, ServiceError, Sessio
 use crate::registry::{Registration, Registry};
 use crate::store::Store;
 
+/// Longest an administrator's `kill` waits for the target's connection to release the session
+/// before closing it in the lock manager itself.
+pub const KILL_RELEASE_LIMIT: Duration = Duration::from_secs(10);
+
 /// What a session needs from the server.
 #[derive(Clone)]
 pub struct SessionContext {
@@ -57,10 +61,13 @@ pub struct Client {
 /// One client's session. See the module documentation.
 pub struct ClientSession {
     context: SessionContext,
-    /// Removes the registry entry when the session ends. Declared before `session` so the entry
-    /// goes first: `sessions` never lists a session whose locks are already released.
-    registration: Registration,
+    /// The lock-manager session: dropping it releases every lock. Declared before
+    /// `registration`, so the locks are released before the registry entry goes, which is what
+    /// an administrator's `kill` waits for. (`sessions` skips an entry whose lock-manager
+    /// session is already closed.)
     session: Session,
+    /// Removes the registry entry when the session ends.
+    registration: Registration,
 }
 
 impl ClientSession {
@@ -73,8 +80,8 @@ impl ClientSession {
                 .register(session.id(), client.peer, client.name, client.admin);
         ClientSession {
             context,
-            registration,
             session,
+            registration,
         }
     }
 
@@ -155,7 +162,7 @@ impl ClientSession {
             // The connection carries `cancel` out when its frame arrives; run in turn, it finds
             // no request of this session waiting (this one is the request in progress).
             Command::Cancel => Ok(Reply::Cancelled(false)),
-            Command::Kill { session } => self.kill(*session),
+            Command::Kill { session } => self.kill(*session).await,
         }
     }
 
@@ -187,21 +194,32 @@ impl ClientSession {
             .collect()
     }
 
-    /// Kills session `target` (admin connections only): its connection is told first, then its
-    /// locks are released and its waiting request withdrawn, all before this returns.
-    fn kill(&self, target: SessionId) -> Result<Reply, ServiceError> {
+    /// Kills session `target` (admin connections only). The target's connection is told; it
+    /// withdraws the target's lock wait, lets a write already being committed finish (so its
+    /// keys are never released while its values may still land), and releases the session. This
+    /// answers once that is done — without waiting for the target's socket, which the
+    /// connection stops writing to when killed. If the release takes longer than
+    /// [`KILL_RELEASE_LIMIT`] (a store that hangs), the session is closed here.
+    async fn kill(&self, target: SessionId) -> Result<Reply, ServiceError> {
         if !self.context.registry.is_admin(self.id()) {
             return Err(ServiceError::Forbidden(
                 "kill needs a connection that presented the admin token (--admin-token)".into(),
             ));
         }
-        // Told first: when the target's connection sees its request fail because the session
-        // was closed, it already knows why.
-        if !self.context.registry.kill(target) {
+        let Some(gone) = self.context.registry.kill(target) else {
             return Err(ServiceError::NotFound(format!("no open session {target}")));
-        }
-        self.context.locks.close_session(target);
+        };
         tracing::info!(admin = %self.id(), session = %target, "session killed by an administrator");
+        // Killing itself, the session is released after this answer; waiting here would wait
+        // for this very request.
+        if target != self.id()
+            && tokio::time::timeout(KILL_RELEASE_LIMIT, gone.cancelled())
+                .await
+                .is_err()
+        {
+            tracing::warn!(session = %target, "a killed session was not released in time; closing it");
+            self.context.locks.close_session(target);
+        }
         Ok(Reply::Done)
     }
 

@@ -10,6 +10,7 @@ use clap::Parser;
 use futures_util::StreamExt;
 use locksmith::auth::Secret;
 use locksmith::config::Config;
+use locksmith::lock::{LockMode, SessionId};
 use locksmith::server::{refuse_open_exposure, ServerSettings};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
@@ -367,6 +368,62 @@ async fn kill_of_a_session_that_is_not_open_is_not_found_and_of_a_non_uuid_a_bad
         .fails(json!({"command": "kill", "session": "bob"}), "bad_request")
         .await;
     admin.fails(json!({"command": "kill"}), "bad_request").await;
+    server.stop().await;
+}
+
+/// The story: a kill used to close the target's lock-manager session at once, even while the
+/// target's write was inside its commit. Another session then took the key and wrote it, and the
+/// killed write landed afterwards, under that session's exclusive lock.
+#[tokio::test]
+async fn a_kill_during_a_commit_releases_the_keys_only_after_the_commit() {
+    let store = wire::GatedStore::new();
+    let gate = std::sync::Arc::clone(&store.gate);
+    let entered = std::sync::Arc::clone(&store.entered);
+    let server = wire::start_with_store(with_admin(), std::sync::Arc::new(store)).await;
+    let mut target = server.connect().await;
+    let mut other = server.connect().await;
+    let mut admin = server.connect_as("", Some(ADMIN)).await;
+    target
+        .send(json!({"command": "write", "keys": ["k"], "value": "killed-writer", "id": 1}))
+        .await;
+    wire::wait_until("the write is inside its commit", || {
+        entered.load(std::sync::atomic::Ordering::SeqCst) == 1
+    })
+    .await;
+    admin
+        .send(json!({"command": "kill", "session": target.session, "id": "kill"}))
+        .await;
+    let registry = server.registry().clone();
+    let killed: SessionId = SessionId(target.session.parse().expect("a uuid"));
+    wire::wait_until("the kill reached the target", || registry.is_killed(killed)).await;
+    // The commit is still held at the gate: the key must still be the target's.
+    assert_eq!(
+        wire::holders(&server.snapshot(), "k"),
+        vec![(target.session.clone(), LockMode::Exclusive)],
+        "released while the write was being committed"
+    );
+    other
+        .send(json!({"command": "lock", "keys": ["k"], "id": "other"}))
+        .await;
+    server.wait_queued(&other.session, "k").await;
+    gate.add_permits(1);
+    assert_eq!(
+        admin.recv().await,
+        json!({"success": true, "id": "kill"}),
+        "answered once the target is released"
+    );
+    let answer = target.recv().await;
+    assert_eq!(answer["code"], json!("killed"), "{answer}");
+    assert_eq!(close_frame(&mut target).await.0, 1008);
+    assert_eq!(other.recv().await["success"], json!(true));
+    let read = other
+        .ok(json!({"command": "read", "keys": ["k"], "hold_lock": true}))
+        .await;
+    assert_eq!(
+        read["values"]["k"],
+        json!("killed-writer"),
+        "committed before the release"
+    );
     server.stop().await;
 }
 

@@ -6,11 +6,8 @@ mod wire;
 
 use std::sync::Arc;
 
-use futures_util::future::BoxFuture;
-use locksmith::store::{KeysPage, MemoryStore, Store, StoreError};
 use serde_json::{json, Value};
-use tokio::sync::Semaphore;
-use wire::{settings, start, Client, BOUND};
+use wire::{settings, start, Client};
 
 #[tokio::test]
 async fn cancel_withdraws_the_waiting_request_which_is_answered_cancelled_and_then_the_cancel() {
@@ -86,60 +83,18 @@ async fn a_cancel_with_nothing_waiting_answers_false_in_turn() {
     server.stop().await;
 }
 
-/// A memory store whose writes wait for a permit: a write can be held inside its commit.
-struct GatedStore {
-    inner: MemoryStore,
-    gate: Arc<Semaphore>,
-}
-
-impl Store for GatedStore {
-    fn read(&self, keys: &[&str]) -> Result<Vec<Option<Value>>, StoreError> {
-        self.inner.read(keys)
-    }
-
-    fn apply(
-        &self,
-        changes: Vec<(String, Option<Value>)>,
-    ) -> BoxFuture<'_, Result<(), StoreError>> {
-        Box::pin(async move {
-            let _permit = self.gate.acquire().await;
-            self.inner.apply(changes).await
-        })
-    }
-
-    fn keys(
-        &self,
-        prefix: &str,
-        after: Option<&str>,
-        limit: usize,
-    ) -> Result<KeysPage, StoreError> {
-        self.inner.keys(prefix, after, limit)
-    }
-}
-
 #[tokio::test]
 async fn a_write_past_its_lock_wait_is_not_withdrawn() {
-    wire::watch_for_panics();
-    let gate = Arc::new(Semaphore::new(0));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let store = GatedStore {
-        inner: MemoryStore::new(),
-        gate: Arc::clone(&gate),
-    };
-    let running =
-        locksmith::server::start(vec![listener], settings(), Arc::new(store)).expect("start");
-    let url = format!("ws://{}/ws", running.local_addrs()[0]);
-    let mut a = Client::connect(&url).await;
-    a.learn_session().await;
+    let store = wire::GatedStore::new();
+    let gate = Arc::clone(&store.gate);
+    let entered = Arc::clone(&store.entered);
+    let server = wire::start_with_store(settings(), Arc::new(store)).await;
+    let mut a = server.connect().await;
     a.send(json!({"command": "write", "keys": ["k"], "value": 1, "id": 1}))
         .await;
-    // The write holds its lock while it waits for the store.
-    let locks = running.lock_manager().clone();
-    let session = a.session.clone();
-    wire::wait_until("the write holds k", || {
-        wire::mentions(&locks.snapshot(), &session)
+    // The write holds its lock while it waits inside the store's commit.
+    wire::wait_until("the write reached the store", || {
+        entered.load(std::sync::atomic::Ordering::SeqCst) == 1
     })
     .await;
     a.send(json!({"command": "cancel", "id": 2})).await;
@@ -150,9 +105,7 @@ async fn a_write_past_its_lock_wait_is_not_withdrawn() {
         answers[1],
         json!({"success": true, "cancelled": false, "id": 2})
     );
-    tokio::time::timeout(BOUND, running.shutdown())
-        .await
-        .expect("shutdown in time");
+    server.stop().await;
 }
 
 async fn collect(client: &mut Client, n: usize) -> Vec<Value> {

@@ -12,7 +12,7 @@ use std::time::Duration;
 use futures_util::{SinkExt, StreamExt};
 use locksmith::lock::{LockManager, LockMode, Snapshot};
 use locksmith::server::{RunningServer, ServerSettings};
-use locksmith::store::MemoryStore;
+use locksmith::store::{KeysPage, MemoryStore, Store, StoreError};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -48,14 +48,66 @@ pub struct Server {
 
 /// Starts a server on `127.0.0.1:0` with `settings` and an empty in-memory store.
 pub async fn start(settings: ServerSettings) -> Server {
+    start_with_store(settings, Arc::new(MemoryStore::new())).await
+}
+
+/// Starts a server on `127.0.0.1:0` with `settings` and `store`.
+pub async fn start_with_store(settings: ServerSettings, store: Arc<dyn Store>) -> Server {
     watch_for_panics();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind a loopback port");
-    let running = locksmith::server::start(vec![listener], settings, Arc::new(MemoryStore::new()))
-        .expect("start the server");
+    let running =
+        locksmith::server::start(vec![listener], settings, store).expect("start the server");
     let addr = running.local_addrs()[0];
     Server { running, addr }
+}
+
+/// A memory store whose changes wait for a permit of `gate`: a write can be held inside its
+/// commit. `entered` counts the changes that have reached the store.
+pub struct GatedStore {
+    inner: MemoryStore,
+    /// One permit lets one change through.
+    pub gate: Arc<tokio::sync::Semaphore>,
+    /// Changes that have reached the store (before the gate).
+    pub entered: Arc<AtomicUsize>,
+}
+
+impl GatedStore {
+    /// An empty store with a closed gate.
+    pub fn new() -> Self {
+        GatedStore {
+            inner: MemoryStore::new(),
+            gate: Arc::new(tokio::sync::Semaphore::new(0)),
+            entered: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+}
+
+impl Store for GatedStore {
+    fn read(&self, keys: &[&str]) -> Result<Vec<Option<Value>>, StoreError> {
+        self.inner.read(keys)
+    }
+
+    fn apply(
+        &self,
+        changes: Vec<(String, Option<Value>)>,
+    ) -> futures_util::future::BoxFuture<'_, Result<(), StoreError>> {
+        self.entered.fetch_add(1, Ordering::SeqCst);
+        Box::pin(async move {
+            let _permit = self.gate.acquire().await;
+            self.inner.apply(changes).await
+        })
+    }
+
+    fn keys(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<KeysPage, StoreError> {
+        self.inner.keys(prefix, after, limit)
+    }
 }
 
 impl Server {
@@ -67,6 +119,11 @@ impl Server {
     /// The server's lock manager, to inspect the lock table directly.
     pub fn locks(&self) -> &LockManager {
         self.running.lock_manager()
+    }
+
+    /// The server's directory of open sessions.
+    pub fn registry(&self) -> &locksmith::registry::Registry {
+        self.running.registry()
     }
 
     /// A snapshot of the lock table.
