@@ -136,26 +136,33 @@ pub async fn serve(
     )
     .await;
     settle(&session, &mut owed).await;
-    let farewell = match ending {
-        Ending::Shutdown => Some(owed.farewell(
-            &ServiceError::ShuttingDown,
-            close_code::GOING_AWAY,
-            "server shutting down",
-        )),
-        Ending::Killed => Some(owed.farewell(
-            &ServiceError::Killed,
-            close_code::POLICY,
-            "killed by an administrator",
-        )),
+    // A shutdown's own last words are not interrupted by the shutdown; a kill's are.
+    let (farewell, interrupt) = match ending {
+        Ending::Shutdown => (
+            Some(owed.farewell(
+                &ServiceError::ShuttingDown,
+                close_code::GOING_AWAY,
+                "server shutting down",
+            )),
+            CancellationToken::new(),
+        ),
+        Ending::Killed => (
+            Some(owed.farewell(
+                &ServiceError::Killed,
+                close_code::POLICY,
+                "killed by an administrator",
+            )),
+            shutdown.clone(),
+        ),
         _ => {
             drop(owed);
-            None
+            (None, CancellationToken::new())
         }
     };
     drop(session);
     if let Some(farewell) = farewell {
         let close_limit = settings.idle_timeout.unwrap_or(CLOSE_SEND_LIMIT);
-        farewell.send(&mut socket, close_limit).await;
+        farewell.send(&mut socket, close_limit, &interrupt).await;
     }
     match &ending {
         Ending::Broken(error) => {
@@ -228,17 +235,28 @@ struct Farewell {
 }
 
 impl Farewell {
-    /// Sends it, each message within `limit`; stops at the first that fails.
-    async fn send(self, socket: &mut WebSocket, limit: Duration) {
-        for text in self.answers {
-            if send(socket, Message::Text(text.into()), Some(limit))
-                .await
-                .is_err()
-            {
-                return;
+    /// Sends it, all of it within `limit` (a client that does not read gets what fits); stops
+    /// at the first send that fails, or when `interrupt` is cancelled (a killed connection's
+    /// last words do not hold up the server's shutdown).
+    async fn send(self, socket: &mut WebSocket, limit: Duration, interrupt: &CancellationToken) {
+        let said = tokio::time::timeout(limit, async {
+            for text in self.answers {
+                if send(socket, Message::Text(text.into()), None)
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
             }
+            close(socket, self.code, self.reason, limit).await;
+        });
+        let said = tokio::select! {
+            said = said => said,
+            () = interrupt.cancelled() => return,
+        };
+        if said.is_err() {
+            tracing::debug!("the client did not take the connection's last answers in time");
         }
-        close(socket, self.code, self.reason, limit).await;
     }
 }
 

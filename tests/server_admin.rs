@@ -14,6 +14,7 @@ use locksmith::lock::{LockMode, SessionId};
 use locksmith::server::{refuse_open_exposure, ServerSettings};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::MaybeTlsStream;
 use wire::{connect_with, http_get, refused_status, settings, start, Client, BOUND};
 
 const TOKEN: &str = "s3cret-token";
@@ -423,6 +424,42 @@ async fn a_kill_during_a_commit_releases_the_keys_only_after_the_commit() {
         read["values"]["k"],
         json!("killed-writer"),
         "committed before the release"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_kill_releases_a_target_that_stopped_reading_its_answers() {
+    let server = start(with_admin()).await;
+    let mut target = server.connect().await;
+    let mut admin = server.connect_as("", Some(ADMIN)).await;
+    let value = "x".repeat(512 * 1024);
+    let keys: Vec<String> = (0..64).map(|n| format!("b{n}")).collect();
+    for key in &keys {
+        target
+            .ok(json!({"command": "write", "keys": [key], "value": value}))
+            .await;
+    }
+    target.lock(&["t"], "write").await;
+    // One 32 MiB answer, more than the socket buffers hold, that the target never reads: once
+    // its first bytes arrive, the server is stuck sending the rest.
+    target
+        .send(json!({"command": "read", "keys": keys, "id": "big"}))
+        .await;
+    let MaybeTlsStream::Plain(tcp) = target.ws.get_ref() else {
+        panic!("a plain TCP connection");
+    };
+    tokio::time::timeout(BOUND, tcp.peek(&mut [0u8; 1]))
+        .await
+        .expect("the answer starts arriving")
+        .expect("peek");
+    let answer = admin
+        .request(json!({"command": "kill", "session": target.session}))
+        .await;
+    assert_eq!(answer, json!({"success": true}));
+    assert!(
+        wire::holders(&server.snapshot(), "t").is_empty(),
+        "released before the kill was answered"
     );
     server.stop().await;
 }
