@@ -587,8 +587,17 @@ pub fn encode_error(id: Option<&Value>, error: &ServiceError) -> String {
     object.insert("error".into(), Value::String(error.to_string()));
     object.insert("code".into(), Value::String(error.code().into()));
     match error {
+        // The session names the members (`ServiceError::Deadlock`); a deadlock that reaches
+        // here without names is encoded the same way.
         ServiceError::Lock(LockError::Deadlock { cycle }) => {
-            object.insert("cycle".into(), cycle_array(cycle));
+            let unnamed: Vec<NamedMember> = cycle
+                .iter()
+                .map(|member| NamedMember {
+                    member: member.clone(),
+                    name: None,
+                })
+                .collect();
+            object.insert("cycle".into(), named_cycle_array(&unnamed));
         }
         ServiceError::Deadlock { cycle } => {
             object.insert("cycle".into(), named_cycle_array(cycle));
@@ -605,19 +614,8 @@ pub fn encode_error(id: Option<&Value>, error: &ServiceError) -> String {
     finish(object, id)
 }
 
-/// The `cycle` of a deadlock answer: `[{"session": .., "waiting_for_key": ..}, ...]`.
-pub fn cycle_array(cycle: &[CycleMember]) -> Value {
-    Value::Array(
-        cycle
-            .iter()
-            .map(|m| {
-                json!({"session": m.session.to_string(), "waiting_for_key": m.waiting_for_key.as_str()})
-            })
-            .collect(),
-    )
-}
-
-/// The `cycle` of a deadlock answer with names: each member gains `"name"` when it has one.
+/// The `cycle` of a deadlock answer: `[{"session": .., "waiting_for_key": .., "name": ..}, ...]`,
+/// `name` only for members that have one.
 pub fn named_cycle_array(cycle: &[NamedMember]) -> Value {
     Value::Array(
         cycle
