@@ -12,7 +12,7 @@
 //! - [`store`]: where values live, behind the [`store::Store`] trait.
 //! - [`config`]: command-line and environment configuration.
 //! - [`auth`]: the `--token` / `--admin-token` checks (constant time; tokens never logged).
-//! - [`log_limit`]: a rate limit for log lines that come in storms (deadlocks).
+//! - [`log_limit`]: a rate limit for log lines that come in storms (deadlocks, refused tokens).
 //! - [`client`]: the typed async client of the protocol (the other side of the wire).
 //! - [`cli`]: the `locksmith` command line: `serve` and the client commands, built on [`client`].
 

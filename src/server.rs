@@ -10,7 +10,8 @@
 //! Tokens ([`crate::auth`]): with `--token`, every route but `/healthz` first checks the token
 //! the request presents and answers 401 without it, before any upgrade; the admin token makes the
 //! connection an admin connection. `?name=` on the upgrade URL names the session (400 if the name
-//! is invalid). Request URLs are never logged: they may carry `?token=`.
+//! is invalid). Request URLs are never logged: they may carry `?token=`. Refusals are logged at
+//! most about once a second ([`REFUSAL_LOG_INTERVAL`]), so a client cannot flood the log.
 //!
 //! Shutdown: cancelling the token stops the listeners; every connection task sees it, answers
 //! `shutting_down` and closes its socket; [`RunningServer::shutdown`] returns once every
@@ -19,7 +20,7 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use axum::extract::ws::WebSocketUpgrade;
@@ -37,11 +38,11 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::auth::{self, Access, Secret, Tokens};
+use crate::auth::{self, Access, Secret, Tokens, Unauthorized};
 use crate::config::Config;
 use crate::connection::{self, ConnectionSettings};
 use crate::lock::{LockManager, LockManagerConfig};
-use crate::log_limit::{LogLimit, DEADLOCK_LOG_INTERVAL};
+use crate::log_limit::{LogLimit, DEADLOCK_LOG_INTERVAL, REFUSAL_LOG_INTERVAL};
 use crate::protocol::{self, Limits};
 use crate::registry::Registry;
 use crate::session::{Client, SessionContext};
@@ -122,6 +123,9 @@ struct AppState {
     allowed_origins: Vec<String>,
     /// The tokens checked before every route but `/healthz`.
     tokens: Tokens,
+    /// Keeps the lines about requests refused for their token to about one a second: a client
+    /// sending request after request without the right token would otherwise write one each.
+    refusal_log: Mutex<LogLimit>,
     shutdown: CancellationToken,
     /// Every connection task, so shutdown can wait for them.
     tracker: TaskTracker,
@@ -185,7 +189,7 @@ pub fn start(
             store,
             default_timeout: settings.lock_timeout,
             registry: Registry::new(),
-            deadlock_log: Arc::new(std::sync::Mutex::new(LogLimit::new(DEADLOCK_LOG_INTERVAL))),
+            deadlock_log: Arc::new(Mutex::new(LogLimit::new(DEADLOCK_LOG_INTERVAL))),
         },
         connection: ConnectionSettings {
             limits: Limits {
@@ -200,6 +204,7 @@ pub fn start(
             token: settings.token.clone(),
             admin_token: settings.admin_token.clone(),
         },
+        refusal_log: Mutex::new(LogLimit::new(REFUSAL_LOG_INTERVAL)),
         shutdown: shutdown.clone(),
         tracker: tracker.clone(),
     });
@@ -303,10 +308,45 @@ async fn require_token(
             next.run(request).await
         }
         Err(refusal) => {
-            // The path only: the query may carry a token.
-            tracing::warn!(%peer, path = request.uri().path(), reason = ?refusal, "refused a request without the right token");
+            log_refusal(
+                &state.refusal_log,
+                tokio::time::Instant::now(),
+                peer,
+                request.uri().path(),
+                refusal,
+            );
             (StatusCode::UNAUTHORIZED, refusal.to_string()).into_response()
         }
+    }
+}
+
+/// Logs a request refused for its token at `warn`, unless `limit` says a line was written less
+/// than [`REFUSAL_LOG_INTERVAL`] before `now`; the next line written says how many were left out.
+/// It names the path only, never the query (it may carry a token), and never a token.
+fn log_refusal(
+    limit: &Mutex<LogLimit>,
+    now: tokio::time::Instant,
+    peer: SocketAddr,
+    path: &str,
+    refusal: Unauthorized,
+) {
+    let allowed = limit
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .allow(now);
+    let Some(suppressed) = allowed else {
+        return;
+    };
+    if suppressed == 0 {
+        tracing::warn!(%peer, path, reason = ?refusal, "refused a request without the right token");
+    } else {
+        tracing::warn!(
+            %peer,
+            path,
+            reason = ?refusal,
+            suppressed,
+            "refused a request without the right token ({suppressed} more since the last line, not logged)"
+        );
     }
 }
 
@@ -368,4 +408,79 @@ async fn upgrade(
                 }
             }
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A log destination the test can read: what a subscriber writes lands in the buffer.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl io::Write for Captured {
+        fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+            self.0
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Captured {
+        fn lines(&self) -> Vec<String> {
+            let bytes = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+            String::from_utf8_lossy(&bytes)
+                .lines()
+                .map(str::to_owned)
+                .collect()
+        }
+    }
+
+    #[test]
+    fn refused_requests_are_logged_once_a_second_and_the_next_line_counts_the_left_out() {
+        // Story: every 401 was logged at warn, so one client with a wrong token could write a
+        // log line per request, as fast as it could send them.
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .with_max_level(tracing::Level::TRACE)
+            .finish();
+        let limit = Mutex::new(LogLimit::new(REFUSAL_LOG_INTERVAL));
+        let peer = SocketAddr::from(([127, 0, 0, 1], 40_000));
+        let start = tokio::time::Instant::now();
+        tracing::subscriber::with_default(subscriber, || {
+            for _ in 0..1000 {
+                log_refusal(&limit, start, peer, "/ws", Unauthorized::Wrong);
+            }
+            let later = start + REFUSAL_LOG_INTERVAL;
+            log_refusal(&limit, later, peer, "/ws", Unauthorized::Missing);
+        });
+        let lines = captured.lines();
+        assert_eq!(lines.len(), 2, "{lines:#?}");
+        for line in &lines {
+            assert!(line.contains(" WARN "), "{line}");
+            assert!(
+                line.contains("refused a request without the right token"),
+                "{line}"
+            );
+            assert!(line.contains("peer=127.0.0.1:40000"), "{line}");
+        }
+        assert!(!lines[0].contains("suppressed"), "{}", lines[0]);
+        assert!(lines[0].contains("reason=Wrong"), "{}", lines[0]);
+        assert!(
+            lines[1].contains("999 more since the last line"),
+            "{}",
+            lines[1]
+        );
+        assert!(lines[1].contains("suppressed=999"), "{}", lines[1]);
+        assert!(lines[1].contains("reason=Missing"), "{}", lines[1]);
+    }
 }
