@@ -49,9 +49,9 @@ fn in_use_hint(error: &io::Error) -> &'static str {
     }
 }
 
-/// Binds every address of `listen`, or of [`DEFAULT_LISTEN`] (`:8008`: 127.0.0.1 and [::1] on
+/// Binds every address of `listen`, or of [`DEFAULT_LISTEN`] (`:8008`: 127.0.0.1 and `[::1]` on
 /// port 8008) if `listen` is empty. A host name stands for every address it resolves to, a bare
-/// port for the [`LOOPBACK`](crate::config::LOOPBACK) addresses on that port; an address that two
+/// port for the [`LOOPBACK`] addresses on that port; an address that two
 /// values share is bound once.
 ///
 /// Every address must be bound, or the start fails: if `127.0.0.1:8008` is taken by another
