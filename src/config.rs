@@ -101,7 +101,7 @@ pub struct Config {
     pub insecure_no_auth: bool,
 }
 
-/// One `--listen` value, as written; [`crate::server::bind`] resolves it at start-up.
+/// One `--listen` value, as written; [`crate::listen::bind`] resolves it at start-up.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ListenAddr {
     /// An IP address and port (`127.0.0.1:8008`, `[::1]:8008`): exactly that address.

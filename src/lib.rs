@@ -2,6 +2,7 @@
 //!
 //! Layout (calls go down the list, never up):
 //! - [`server`]: listeners, routes, connection limit, Origin check, graceful shutdown.
+//! - [`listen`]: the `--listen` addresses resolved and bound before the server starts.
 //! - [`connection`]: one WebSocket: frames in, responses out, in order; keepalive.
 //! - [`protocol`]: the JSON request/response format and its validation (no I/O).
 //! - [`session`]: one client session: carries out requests with the lock manager and the store.
@@ -11,7 +12,7 @@
 //! - [`store`]: where values live, behind the [`store::Store`] trait.
 //! - [`config`]: command-line and environment configuration.
 //! - [`auth`]: the `--token` / `--admin-token` checks (constant time; tokens never logged).
-//! - [`log_limit`]: a rate limit for log lines that come in storms (deadlocks).
+//! - [`log_limit`]: a rate limit for log lines that come in storms (deadlocks, refused tokens).
 //! - [`client`]: the typed async client of the protocol (the other side of the wire).
 //! - [`cli`]: the `locksmith` command line: `serve` and the client commands, built on [`client`].
 
@@ -20,6 +21,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod connection;
+pub mod listen;
 pub mod lock;
 pub mod log_limit;
 pub mod protocol;

@@ -1,6 +1,6 @@
-//! A rate limit for a log line that can come in storms (deadlocks under load): at most one line
-//! per interval, and the next line written says how many were suppressed meanwhile. Time is
-//! passed in, so it is tested without sleeping.
+//! A rate limit for a log line that can come in storms (deadlocks under load, requests refused
+//! for their token): at most one line per interval, and the next line written says how many were
+//! suppressed meanwhile. Time is passed in, so it is tested without sleeping.
 
 use std::time::Duration;
 
@@ -8,6 +8,9 @@ use tokio::time::Instant;
 
 /// How often the deadlock line may be written.
 pub const DEADLOCK_LOG_INTERVAL: Duration = Duration::from_secs(1);
+
+/// How often the line about a request refused for its token (HTTP 401) may be written.
+pub const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(1);
 
 /// One rate-limited log line. See the module documentation.
 #[derive(Debug)]

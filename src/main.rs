@@ -9,6 +9,7 @@ use std::sync::Arc;
 use clap::Parser;
 use locksmith::cli::{Cli, CliCommand};
 use locksmith::config::Config;
+use locksmith::listen;
 use locksmith::server::{self, ServerSettings};
 use locksmith::store::{MemoryStore, RedbStore, Store};
 use tracing_subscriber::EnvFilter;
@@ -57,7 +58,7 @@ fn main() -> ExitCode {
 
 async fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     raise_open_file_limit();
-    let listeners = server::bind(&config.listen).await?;
+    let listeners = listen::bind(&config.listen).await?;
     let bound = listeners
         .iter()
         .map(tokio::net::TcpListener::local_addr)

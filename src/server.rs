@@ -1,5 +1,5 @@
-//! The server: listeners, the HTTP routes (`/ws`, `/healthz`), the connection limit, the
-//! `Origin` check, and graceful shutdown.
+//! The server: serving on listeners already bound ([`crate::listen`] binds them), the HTTP routes
+//! (`/ws`, `/healthz`), the connection limit, the `Origin` check, and graceful shutdown.
 //!
 //! Each listener runs an axum server. A WebSocket upgrade on `/ws` is refused with 403 when it
 //! carries an `Origin` header that is not allowed (so a web page cannot drive a local Locksmith
@@ -10,7 +10,8 @@
 //! Tokens ([`crate::auth`]): with `--token`, every route but `/healthz` first checks the token
 //! the request presents and answers 401 without it, before any upgrade; the admin token makes the
 //! connection an admin connection. `?name=` on the upgrade URL names the session (400 if the name
-//! is invalid). Request URLs are never logged: they may carry `?token=`.
+//! is invalid). Request URLs are never logged: they may carry `?token=`. Refusals are logged at
+//! most about once a second ([`REFUSAL_LOG_INTERVAL`]), so a client cannot flood the log.
 //!
 //! Shutdown: cancelling the token stops the listeners; every connection task sees it, answers
 //! `shutting_down` and closes its socket; [`RunningServer::shutdown`] returns once every
@@ -19,7 +20,7 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use axum::extract::ws::WebSocketUpgrade;
@@ -37,11 +38,11 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::auth::{self, Access, Secret, Tokens};
-use crate::config::{Config, ListenAddr, DEFAULT_LISTEN, LOOPBACK};
+use crate::auth::{self, Access, Secret, Tokens, Unauthorized};
+use crate::config::Config;
 use crate::connection::{self, ConnectionSettings};
 use crate::lock::{LockManager, LockManagerConfig};
-use crate::log_limit::{LogLimit, DEADLOCK_LOG_INTERVAL};
+use crate::log_limit::{LogLimit, DEADLOCK_LOG_INTERVAL, REFUSAL_LOG_INTERVAL};
 use crate::protocol::{self, Limits};
 use crate::registry::Registry;
 use crate::session::{Client, SessionContext};
@@ -122,6 +123,9 @@ struct AppState {
     allowed_origins: Vec<String>,
     /// The tokens checked before every route but `/healthz`.
     tokens: Tokens,
+    /// Keeps the lines about requests refused for their token to about one a second: a client
+    /// sending request after request without the right token would otherwise write one each.
+    refusal_log: Mutex<LogLimit>,
     shutdown: CancellationToken,
     /// Every connection task, so shutdown can wait for them.
     tracker: TaskTracker,
@@ -166,159 +170,6 @@ pub fn refuse_open_exposure(config: &Config, bound: &[SocketAddr]) -> Result<(),
     }
 }
 
-/// Why the server cannot listen where it was asked to.
-#[derive(Debug, thiserror::Error)]
-pub enum BindError {
-    /// A host name could not be resolved.
-    #[error("cannot listen on {listen}: cannot resolve the name: {source}")]
-    Resolve {
-        /// The `--listen` value with the name.
-        listen: ListenAddr,
-        /// What the resolver said.
-        source: io::Error,
-    },
-    /// A host name resolved to no address at all.
-    #[error("cannot listen on {listen}: the name resolves to no address")]
-    NoAddress {
-        /// The `--listen` value with the name.
-        listen: ListenAddr,
-    },
-    /// An address could not be bound: in use, not on this host, not permitted, …
-    #[error("cannot listen on {addr}: {source}{}", in_use_hint(source))]
-    Listen {
-        /// The address that could not be bound.
-        addr: SocketAddr,
-        /// Why.
-        source: io::Error,
-    },
-}
-
-/// The advice appended to a bind error when another program holds the address.
-fn in_use_hint(error: &io::Error) -> &'static str {
-    if error.kind() == io::ErrorKind::AddrInUse {
-        "; is another program (or another Locksmith) listening there? Choose another address with --listen"
-    } else {
-        ""
-    }
-}
-
-/// Binds every address of `listen`, or of [`DEFAULT_LISTEN`] (`:8008`: 127.0.0.1 and [::1] on
-/// port 8008) if `listen` is empty. A host name stands for every address it resolves to, a bare
-/// port for the [`LOOPBACK`](crate::config::LOOPBACK) addresses on that port; an address that two
-/// values share is bound once.
-///
-/// Every address must be bound, or the start fails: if `127.0.0.1:8008` is taken by another
-/// program, serving on `[::1]:8008` alone would let `ws://localhost:8008` reach that program. The
-/// one exception is an IPv6 address that came from a host name or a bare port on a host without
-/// IPv6 ([`is_unavailable_ipv6`]): it is skipped with a warning, as long as the value that named
-/// it still gets at least one address. An address written out (`[::1]:8008`) is never skipped.
-///
-/// # Errors
-/// The first name that cannot be resolved or address that cannot be bound, naming it.
-pub async fn bind(listen: &[ListenAddr]) -> Result<Vec<TcpListener>, BindError> {
-    let listen = if listen.is_empty() {
-        std::slice::from_ref(&DEFAULT_LISTEN)
-    } else {
-        listen
-    };
-    let mut bound: Vec<SocketAddr> = Vec::new();
-    let mut listeners = Vec::new();
-    for value in listen {
-        let (addrs, may_skip_ipv6) = resolve(value).await?;
-        let mut skipped = None;
-        let mut bound_here = 0usize;
-        for addr in addrs {
-            if bound.contains(&addr) {
-                bound_here += 1;
-                continue;
-            }
-            match TcpListener::bind(addr).await {
-                Ok(listener) => {
-                    bound.push(addr);
-                    listeners.push(listener);
-                    bound_here += 1;
-                }
-                Err(error) if may_skip_ipv6 && is_unavailable_ipv6(addr, &error) => {
-                    tracing::warn!(%addr, %error, "IPv6 is not available on this host; not listening on {addr}");
-                    skipped = Some(BindError::Listen {
-                        addr,
-                        source: error,
-                    });
-                }
-                Err(error) => {
-                    return Err(BindError::Listen {
-                        addr,
-                        source: error,
-                    })
-                }
-            }
-        }
-        if let (0, Some(error)) = (bound_here, skipped) {
-            return Err(error);
-        }
-    }
-    Ok(listeners)
-}
-
-/// The socket addresses `value` stands for, and whether an IPv6 one among them may be skipped
-/// where IPv6 is unavailable (for a name or a bare port, not for an address written out).
-async fn resolve(value: &ListenAddr) -> Result<(Vec<SocketAddr>, bool), BindError> {
-    match value {
-        ListenAddr::Socket(addr) => Ok((vec![*addr], false)),
-        ListenAddr::Port(port) => Ok((
-            LOOPBACK
-                .iter()
-                .map(|ip| SocketAddr::new(*ip, *port))
-                .collect(),
-            true,
-        )),
-        ListenAddr::Host { name, port } => {
-            let mut addrs: Vec<SocketAddr> = tokio::net::lookup_host((name.as_str(), *port))
-                .await
-                .map_err(|source| BindError::Resolve {
-                    listen: value.clone(),
-                    source,
-                })?
-                .collect();
-            // A resolver may list an address once per socket type.
-            let mut seen = Vec::with_capacity(addrs.len());
-            addrs.retain(|addr| {
-                let first = !seen.contains(addr);
-                seen.push(*addr);
-                first
-            });
-            if addrs.is_empty() {
-                return Err(BindError::NoAddress {
-                    listen: value.clone(),
-                });
-            }
-            Ok((addrs, true))
-        }
-    }
-}
-
-/// Does binding `addr` fail with `error` only because this host has no IPv6? True for an IPv6
-/// address and `EADDRNOTAVAIL` (the address is not on this host: IPv6 disabled) or
-/// `EAFNOSUPPORT` (no IPv6 in the kernel). Every other failure, above all `EADDRINUSE`, says
-/// something the user must hear, so it stops the start.
-pub fn is_unavailable_ipv6(addr: SocketAddr, error: &io::Error) -> bool {
-    addr.is_ipv6()
-        && (error.kind() == io::ErrorKind::AddrNotAvailable || is_family_unsupported(error))
-}
-
-/// Is `error` `EAFNOSUPPORT` (address family not supported)? std has no `ErrorKind` for it.
-fn is_family_unsupported(error: &io::Error) -> bool {
-    #[cfg(unix)]
-    {
-        error.raw_os_error() == Some(libc::EAFNOSUPPORT)
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = error;
-        false
-    }
-}
-
 /// Starts serving on `listeners` with values in `store`.
 ///
 /// # Errors
@@ -341,7 +192,7 @@ pub fn start(
             store,
             default_timeout: settings.lock_timeout,
             registry: registry.clone(),
-            deadlock_log: Arc::new(std::sync::Mutex::new(LogLimit::new(DEADLOCK_LOG_INTERVAL))),
+            deadlock_log: Arc::new(Mutex::new(LogLimit::new(DEADLOCK_LOG_INTERVAL))),
         },
         connection: ConnectionSettings {
             limits: Limits {
@@ -356,6 +207,7 @@ pub fn start(
             token: settings.token.clone(),
             admin_token: settings.admin_token.clone(),
         },
+        refusal_log: Mutex::new(LogLimit::new(REFUSAL_LOG_INTERVAL)),
         shutdown: shutdown.clone(),
         tracker: tracker.clone(),
     });
@@ -465,10 +317,45 @@ async fn require_token(
             next.run(request).await
         }
         Err(refusal) => {
-            // The path only: the query may carry a token.
-            tracing::warn!(%peer, path = request.uri().path(), reason = ?refusal, "refused a request without the right token");
+            log_refusal(
+                &state.refusal_log,
+                tokio::time::Instant::now(),
+                peer,
+                request.uri().path(),
+                refusal,
+            );
             (StatusCode::UNAUTHORIZED, refusal.to_string()).into_response()
         }
+    }
+}
+
+/// Logs a request refused for its token at `warn`, unless `limit` says a line was written less
+/// than [`REFUSAL_LOG_INTERVAL`] before `now`; the next line written says how many were left out.
+/// It names the path only, never the query (it may carry a token), and never a token.
+fn log_refusal(
+    limit: &Mutex<LogLimit>,
+    now: tokio::time::Instant,
+    peer: SocketAddr,
+    path: &str,
+    refusal: Unauthorized,
+) {
+    let allowed = limit
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .allow(now);
+    let Some(suppressed) = allowed else {
+        return;
+    };
+    if suppressed == 0 {
+        tracing::warn!(%peer, path, reason = ?refusal, "refused a request without the right token");
+    } else {
+        tracing::warn!(
+            %peer,
+            path,
+            reason = ?refusal,
+            suppressed,
+            "refused a request without the right token ({suppressed} more since the last line, not logged)"
+        );
     }
 }
 
@@ -532,40 +419,77 @@ async fn upgrade(
         })
 }
 
-#[cfg(all(test, unix))]
+#[cfg(test)]
 mod tests {
     use super::*;
 
-    fn ipv6() -> SocketAddr {
-        SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, 8008))
+    /// A log destination the test can read: what a subscriber writes lands in the buffer.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl io::Write for Captured {
+        fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+            self.0
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
     }
 
-    fn ipv4() -> SocketAddr {
-        SocketAddr::from(([127, 0, 0, 1], 8008))
+    impl Captured {
+        fn lines(&self) -> Vec<String> {
+            let bytes = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+            String::from_utf8_lossy(&bytes)
+                .lines()
+                .map(str::to_owned)
+                .collect()
+        }
     }
 
     #[test]
-    fn ipv6_that_is_not_on_this_host_may_be_skipped() {
-        let not_here = io::Error::from_raw_os_error(libc::EADDRNOTAVAIL);
-        let no_family = io::Error::from_raw_os_error(libc::EAFNOSUPPORT);
-        assert!(is_unavailable_ipv6(ipv6(), &not_here));
-        assert!(is_unavailable_ipv6(ipv6(), &no_family));
-    }
-
-    #[test]
-    fn a_busy_address_is_never_skipped() {
-        let in_use = io::Error::from_raw_os_error(libc::EADDRINUSE);
-        assert!(!is_unavailable_ipv6(ipv6(), &in_use));
-        assert!(!is_unavailable_ipv6(ipv4(), &in_use));
-    }
-
-    #[test]
-    fn ipv4_and_other_errors_are_never_skipped() {
-        let not_here = io::Error::from_raw_os_error(libc::EADDRNOTAVAIL);
-        assert!(!is_unavailable_ipv6(ipv4(), &not_here));
-        let denied = io::Error::from_raw_os_error(libc::EACCES);
-        assert!(!is_unavailable_ipv6(ipv6(), &denied));
-        let other = io::Error::other("something else");
-        assert!(!is_unavailable_ipv6(ipv6(), &other));
+    fn refused_requests_are_logged_once_a_second_and_the_next_line_counts_the_left_out() {
+        // Story: every 401 was logged at warn, so one client with a wrong token could write a
+        // log line per request, as fast as it could send them.
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .with_max_level(tracing::Level::TRACE)
+            .finish();
+        let limit = Mutex::new(LogLimit::new(REFUSAL_LOG_INTERVAL));
+        let peer = SocketAddr::from(([127, 0, 0, 1], 40_000));
+        let start = tokio::time::Instant::now();
+        tracing::subscriber::with_default(subscriber, || {
+            for _ in 0..1000 {
+                log_refusal(&limit, start, peer, "/ws", Unauthorized::Wrong);
+            }
+            let later = start + REFUSAL_LOG_INTERVAL;
+            log_refusal(&limit, later, peer, "/ws", Unauthorized::Missing);
+        });
+        let lines = captured.lines();
+        assert_eq!(lines.len(), 2, "{lines:#?}");
+        for line in &lines {
+            assert!(line.contains(" WARN "), "{line}");
+            assert!(
+                line.contains("refused a request without the right token"),
+                "{line}"
+            );
+            assert!(line.contains("peer=127.0.0.1:40000"), "{line}");
+        }
+        assert!(!lines[0].contains("suppressed"), "{}", lines[0]);
+        assert!(lines[0].contains("reason=Wrong"), "{}", lines[0]);
+        assert!(
+            lines[1].contains("999 more since the last line"),
+            "{}",
+            lines[1]
+        );
+        assert!(lines[1].contains("suppressed=999"), "{}", lines[1]);
+        assert!(lines[1].contains("reason=Missing"), "{}", lines[1]);
     }
 }

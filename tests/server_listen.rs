@@ -1,4 +1,4 @@
-//! Where the server listens: `server::bind` with addresses written out, host names and bare
+//! Where the server listens: `listen::bind` with addresses written out, host names and bare
 //! ports, and its refusal to start without an address it was asked for. The default (`:8008`)
 //! is the bare-port case on a fixed port, so the tests use bare ports on free ports instead.
 
@@ -6,13 +6,13 @@ use std::net::{Ipv6Addr, SocketAddr, TcpListener};
 use std::time::Duration;
 
 use locksmith::config::ListenAddr;
-use locksmith::server::{self, BindError};
+use locksmith::listen::{self, BindError};
 
 /// Longest a bind may take (a name lookup of `localhost` included).
 const PATIENCE: Duration = Duration::from_secs(10);
 
 async fn bind(listen: &[ListenAddr]) -> Result<Vec<tokio::net::TcpListener>, BindError> {
-    tokio::time::timeout(PATIENCE, server::bind(listen))
+    tokio::time::timeout(PATIENCE, listen::bind(listen))
         .await
         .expect("bind finished in time")
 }
