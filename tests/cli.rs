@@ -15,7 +15,7 @@ use locksmith::client::{Client, ClientError};
 use locksmith::lock::LockMode::Exclusive;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdout, Command};
-use wire::{holders, settings, start, BOUND};
+use wire::{connect_client, holders, settings, start, BOUND};
 
 /// Exit statuses documented in the README (and `src/cli/exit.rs`).
 const CANNOT_CONNECT: i32 = 10;
@@ -74,15 +74,10 @@ fn stdout_lines(child: &mut Child) -> Lines<BufReader<ChildStdout>> {
     BufReader::new(child.stdout.take().expect("piped stdout")).lines()
 }
 
-async fn connect(url: &str) -> Client {
-    tokio::time::timeout(BOUND, Client::connect(url))
-        .await
-        .expect("connect in time")
-        .expect("connect")
-}
-
 #[tokio::test]
 async fn lock_holds_the_lock_exactly_while_the_command_runs() {
+    // CMD prints "finished" and then still runs (it waits for a second line): a release that
+    // came with CMD's last output instead of its exit would show as the key let go here.
     let server = start(settings()).await;
     let url = server.url();
     let mut first = cli(
@@ -93,7 +88,7 @@ async fn lock_holds_the_lock_exactly_while_the_command_runs() {
             "--",
             "sh",
             "-c",
-            "echo started; read line; echo finished",
+            "echo started; read a; echo finished; read b",
         ],
     )
     .stdin(Stdio::piped())
@@ -107,7 +102,7 @@ async fn lock_holds_the_lock_exactly_while_the_command_runs() {
         "held while CMD runs"
     );
 
-    let probe = connect(&url).await;
+    let probe = connect_client(&url).await;
     let busy = probe.lock(&["job"], Exclusive, Some(Duration::ZERO)).await;
     assert!(matches!(busy, Err(ClientError::Timeout { .. })), "{busy:?}");
 
@@ -121,12 +116,30 @@ async fn lock_holds_the_lock_exactly_while_the_command_runs() {
         .await;
 
     let mut stdin = first.stdin.take().expect("piped stdin");
-    stdin.write_all(b"go\n").await.expect("let CMD finish");
+    stdin.write_all(b"one\n").await.expect("first line");
     assert_eq!(next_line(&mut first_out).await, "finished");
-    assert_eq!(exit_code(&mut first).await, 0);
+    // CMD is blocked reading its second line: it has printed everything but not exited.
+    let snapshot = server.snapshot();
+    assert_eq!(
+        holders(&snapshot, "job").len(),
+        1,
+        "still held after CMD's last line, while it runs"
+    );
+    assert!(
+        snapshot
+            .key(&"job".into())
+            .is_some_and(|k| k.queue.len() == 1),
+        "the second lock still waits"
+    );
 
+    stdin.write_all(b"two\n").await.expect("second line");
+    assert_eq!(exit_code(&mut first).await, 0);
     let mut second_out = stdout_lines(&mut second);
-    assert_eq!(next_line(&mut second_out).await, "second ran");
+    assert_eq!(
+        next_line(&mut second_out).await,
+        "second ran",
+        "released once CMD exited"
+    );
     assert_eq!(exit_code(&mut second).await, 0);
     probe.close().await;
     server.wait_idle().await;
@@ -156,7 +169,7 @@ async fn lock_passes_tokens_and_session_to_the_command_and_exits_with_its_status
 #[tokio::test]
 async fn lock_that_is_not_granted_in_time_exits_11_without_running_the_command() {
     let server = start(settings()).await;
-    let holder = connect(&server.url()).await;
+    let holder = connect_client(&server.url()).await;
     holder.lock(&["job"], Exclusive, None).await.expect("lock");
     for timeout in ["0s", "100ms"] {
         let (status, stdout, stderr) = run(
@@ -178,8 +191,8 @@ async fn lock_refused_as_the_victim_of_a_deadlock_exits_12() {
     // the continuing request closes the cycle and is its victim.
     let server = start(settings()).await;
     let url = server.url();
-    let z = connect(&url).await;
-    let x = std::sync::Arc::new(connect(&url).await);
+    let z = connect_client(&url).await;
+    let x = std::sync::Arc::new(connect_client(&url).await);
     z.lock(&["k1"], Exclusive, None).await.expect("z takes k1");
     let mut cli_lock = cli(&url, &["lock", "k1", "k2", "--", "echo", "ran"])
         .spawn()
@@ -338,7 +351,7 @@ async fn set_get_del_and_keys_round_trip_through_the_server() {
 #[tokio::test]
 async fn get_waits_for_a_writer_as_the_read_command_does() {
     let server = start(settings()).await;
-    let holder = connect(&server.url()).await;
+    let holder = connect_client(&server.url()).await;
     holder.lock(&["k"], Exclusive, None).await.expect("lock");
     let mut get = cli(&server.url(), &["get", "k"]).spawn().expect("spawn");
     server
