@@ -253,14 +253,76 @@ async fn interrupting_lock_passes_the_signal_to_the_command_then_releases_the_lo
         .expect("spawn");
     let mut out = stdout_lines(&mut child);
     assert_eq!(next_line(&mut out).await, "started");
-    let pid = i32::try_from(child.id().expect("running")).expect("pid");
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid),
-        nix::sys::signal::Signal::SIGINT,
-    )
-    .expect("send SIGINT");
+    send_signal(&child, nix::sys::signal::Signal::SIGINT);
     assert_eq!(next_line(&mut out).await, "interrupted");
     assert_eq!(exit_code(&mut child).await, 130, "CMD's status");
+    server.wait_idle().await;
+    server.stop().await;
+}
+
+/// Sends `signal` to the `locksmith` process `child`.
+fn send_signal(child: &Child, signal: nix::sys::signal::Signal) {
+    let pid = i32::try_from(child.id().expect("running")).expect("pid");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal).expect("send the signal");
+}
+
+#[tokio::test]
+async fn a_signal_while_lock_waits_gives_up_the_wait_without_running_the_command() {
+    // The handlers used to be installed only after CMD was spawned: a SIGTERM before that ended
+    // `locksmith` by the default action (no message, no clean close). Now they exist before the
+    // wait, and a signal during it gives the wait up: CMD never runs, the exit status is 128 + N.
+    let server = start(settings()).await;
+    let holder = connect_client(&server.url()).await;
+    holder.lock(&["job"], Exclusive, None).await.expect("lock");
+    let mut waiting = cli(&server.url(), &["lock", "job", "--", "echo", "ran"])
+        .spawn()
+        .expect("spawn");
+    server
+        .wait_for("the CLI queued on job", |s| {
+            s.key(&"job".into()).is_some_and(|k| k.queue.len() == 1)
+        })
+        .await;
+    send_signal(&waiting, nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(exit_code(&mut waiting).await, 128 + 15, "128 + SIGTERM");
+    let mut stdout = String::new();
+    let mut stderr = String::new();
+    tokio::io::AsyncReadExt::read_to_string(
+        &mut waiting.stdout.take().expect("stdout"),
+        &mut stdout,
+    )
+    .await
+    .expect("read stdout");
+    tokio::io::AsyncReadExt::read_to_string(
+        &mut waiting.stderr.take().expect("stderr"),
+        &mut stderr,
+    )
+    .await
+    .expect("read stderr");
+    assert_eq!(stdout, "", "CMD must not run");
+    assert!(stderr.starts_with("locksmith: interrupted: "), "{stderr}");
+    server
+        .wait_for("the wait withdrawn", |s| {
+            s.key(&"job".into()).is_some_and(|k| k.queue.is_empty())
+        })
+        .await;
+    holder.close().await;
+    server.wait_idle().await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_sigterm_sent_as_soon_as_the_command_starts_is_passed_on_to_it() {
+    // CMD signals `locksmith` (its parent) first thing: the handlers must already be there, or
+    // `locksmith` dies, the server releases the lock, and CMD runs on unlocked and orphaned.
+    let server = start(settings()).await;
+    let script = "sleep 60 >/dev/null 2>&1 & p=$!; \
+                  trap 'kill $p; echo passed on; exit 3' TERM; kill -TERM $PPID; wait $p";
+    let mut child = cli(&server.url(), &["lock", "job", "--", "sh", "-c", script])
+        .spawn()
+        .expect("spawn");
+    let mut out = stdout_lines(&mut child);
+    assert_eq!(next_line(&mut out).await, "passed on");
+    assert_eq!(exit_code(&mut child).await, 3, "CMD's status");
     server.wait_idle().await;
     server.stop().await;
 }
