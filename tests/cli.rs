@@ -339,6 +339,21 @@ async fn lock_without_a_server_exits_10() {
 }
 
 #[tokio::test]
+async fn a_connect_error_does_not_print_a_token_on_the_url() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let url = format!(
+        "ws://{}/ws?token=SUPERSECRET",
+        listener.local_addr().expect("addr")
+    );
+    drop(listener);
+    let (status, _, stderr) = run(&url, &["get", "k"]).await;
+    assert_eq!(status, CANNOT_CONNECT, "{stderr}");
+    assert!(stderr.starts_with("locksmith: connect: "), "{stderr}");
+    assert!(!stderr.contains("SUPERSECRET"), "{stderr}");
+    assert!(stderr.contains("token=<hidden>"), "{stderr}");
+}
+
+#[tokio::test]
 async fn a_command_that_does_not_exist_exits_127_and_releases_the_lock() {
     let server = start(settings()).await;
     let (status, _, stderr) = run(

@@ -427,3 +427,23 @@ async fn a_wrong_token_is_unauthorized() {
     assert!(admitted.is_ok());
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_token_on_the_url_never_shows_in_a_connect_error() {
+    let connecting = Client::builder("ws://127.0.0.1:1/ws?token=SUPERSECRET")
+        .token("ALSOSECRET")
+        .connect();
+    let error = match tokio::time::timeout(BOUND, connecting)
+        .await
+        .expect("in time")
+    {
+        Err(error) => error,
+        Ok(_) => panic!("nothing listens on port 1"),
+    };
+    assert_eq!(error.code(), "connect", "{error}");
+    for shown in [error.to_string(), format!("{error:?}")] {
+        assert!(!shown.contains("SUPERSECRET"), "{shown}");
+        assert!(!shown.contains("ALSOSECRET"), "{shown}");
+        assert!(shown.contains("token=<hidden>"), "{shown}");
+    }
+}

@@ -14,7 +14,8 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use serde_json::Value;
 
-use crate::client::{Client, ClientError, DEFAULT_URL};
+use crate::auth::Secret;
+use crate::client::{redact_url, Client, ClientError, DEFAULT_URL};
 use crate::config::{parse_duration, Config};
 use exit::Failure;
 pub use lock_command::LockArgs;
@@ -56,15 +57,31 @@ pub enum CliCommand {
     Kill(KillArgs),
 }
 
-/// Where the server is and how to authenticate; every client command takes these.
-#[derive(Args, Debug, Clone)]
+/// Where the server is and how to authenticate; every client command takes these. Its `Debug`
+/// shows neither the token nor a `?token=` on the URL.
+#[derive(Args, Clone)]
 pub struct ServerOptions {
     /// The server's WebSocket URL.
-    #[arg(long = "server", env = "LOCKSMITH_URL", default_value = DEFAULT_URL)]
+    #[arg(
+        long = "server",
+        env = "LOCKSMITH_URL",
+        default_value = DEFAULT_URL,
+        // It may carry `?token=`: `--help` must not print the variable's value.
+        hide_env_values = true
+    )]
     pub url: String,
     /// The token the server requires (`--token` there), or its admin token for `kill`.
     #[arg(long, env = "LOCKSMITH_TOKEN", hide_env_values = true)]
-    pub token: Option<String>,
+    pub token: Option<Secret>,
+}
+
+impl std::fmt::Debug for ServerOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerOptions")
+            .field("url", &redact_url(&self.url))
+            .field("token", &self.token)
+            .finish()
+    }
 }
 
 impl ServerOptions {
@@ -75,7 +92,7 @@ impl ServerOptions {
     pub async fn connect(&self, name: Option<&str>) -> Result<Client, ClientError> {
         let mut builder = Client::builder(&self.url);
         if let Some(token) = &self.token {
-            builder = builder.token(token);
+            builder = builder.secret_token(token.clone());
         }
         if let Some(name) = name {
             builder = builder.name(name);
@@ -415,6 +432,17 @@ mod tests {
         assert_eq!(two_names.status, exit::BAD_USAGE);
         let none = resolve_session("nobody", &sessions).expect_err("no such session");
         assert_eq!(none.code, "not_found");
+    }
+
+    #[test]
+    fn server_options_debug_shows_neither_the_token_nor_one_on_the_url() {
+        let options = ServerOptions {
+            url: "ws://127.0.0.1:1/ws?token=SUPERSECRET".into(),
+            token: Some("ALSOSECRET".parse().expect("a token")),
+        };
+        let shown = format!("{options:?}");
+        assert!(!shown.contains("SUPERSECRET"), "{shown}");
+        assert!(!shown.contains("ALSOSECRET"), "{shown}");
     }
 
     #[test]
