@@ -354,6 +354,26 @@ async fn a_connect_error_does_not_print_a_token_on_the_url() {
 }
 
 #[tokio::test]
+async fn client_commands_do_not_read_the_servers_environment() {
+    // The server's flags were parsed for every command, so a server setting the server itself
+    // would refuse (a duration without a unit) stopped `locksmith get` with a usage error.
+    let server = start(settings()).await;
+    let mut get = cli(&server.url(), &["get", "k"]);
+    get.env("LOCKSMITH_LOCK_TIMEOUT", "5")
+        .env("LOCKSMITH_INSECURE_NO_AUTH", "maybe")
+        .env("LOCKSMITH_LISTEN", "not an address");
+    let output = tokio::time::timeout(BOUND, get.output())
+        .await
+        .expect("in time")
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    assert_eq!(String::from_utf8_lossy(&output.stdout), "null\n");
+    server.wait_idle().await;
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn a_command_that_does_not_exist_exits_127_and_releases_the_lock() {
     let server = start(settings()).await;
     let (status, _, stderr) = run(

@@ -33,11 +33,30 @@ pub struct Cli {
     pub serve: Config,
 }
 
-/// The commands.
+/// The commands: the server, and the clients.
 #[derive(Subcommand, Debug)]
 pub enum CliCommand {
     /// Run the server (what `locksmith` does without a command).
     Serve(Config),
+    /// A client command.
+    #[command(flatten)]
+    Client(ClientCommand),
+}
+
+/// The command line of a client command alone: `locksmith get ...` is parsed with this, not with
+/// [`Cli`], so the server's flags and environment variables (`LOCKSMITH_LOCK_TIMEOUT`, ...) are
+/// never read for it, and a value the server would refuse cannot stop a client.
+#[derive(Parser, Debug)]
+#[command(name = "locksmith", version, about)]
+pub struct ClientCli {
+    /// The client command.
+    #[command(subcommand)]
+    pub command: ClientCommand,
+}
+
+/// The client commands: each connects to a running server.
+#[derive(Subcommand, Debug)]
+pub enum ClientCommand {
     /// Run a command while holding locks: `locksmith lock KEY... -- CMD [ARGS...]`.
     Lock(LockArgs),
     /// Print the values of keys (reads under shared locks, as the `read` command does).
@@ -196,17 +215,16 @@ pub struct KillArgs {
 }
 
 /// Runs a client command; the exit code.
-pub async fn run(command: CliCommand) -> ExitCode {
+pub async fn run(command: ClientCommand) -> ExitCode {
     let result = match command {
-        CliCommand::Serve(_) => Ok(0),
-        CliCommand::Lock(args) => lock_command::run(args).await,
-        CliCommand::Get(args) => get(args).await,
-        CliCommand::Set(args) => set(args).await,
-        CliCommand::Del(args) => del(args).await,
-        CliCommand::Keys(args) => keys(args).await,
-        CliCommand::Locks(args) => locks(args).await,
-        CliCommand::Sessions(args) => sessions(args).await,
-        CliCommand::Kill(args) => kill(args).await,
+        ClientCommand::Lock(args) => lock_command::run(args).await,
+        ClientCommand::Get(args) => get(args).await,
+        ClientCommand::Set(args) => set(args).await,
+        ClientCommand::Del(args) => del(args).await,
+        ClientCommand::Keys(args) => keys(args).await,
+        ClientCommand::Locks(args) => locks(args).await,
+        ClientCommand::Sessions(args) => sessions(args).await,
+        ClientCommand::Kill(args) => kill(args).await,
     };
     match result {
         Ok(status) => ExitCode::from(status),
@@ -455,8 +473,35 @@ mod tests {
     }
 
     #[test]
+    fn the_help_lists_every_command_and_each_client_command_parses_without_the_server() {
+        use clap::CommandFactory;
+        let help = Cli::command().render_help().to_string();
+        let client = ClientCli::command();
+        let client_commands: Vec<&str> = client.get_subcommands().map(|c| c.get_name()).collect();
+        assert_eq!(
+            client_commands,
+            ["lock", "get", "set", "del", "keys", "locks", "sessions", "kill"]
+        );
+        for name in std::iter::once("serve").chain(client_commands.iter().copied()) {
+            assert!(
+                help.contains(&format!("  {name} ")),
+                "{name} missing: {help}"
+            );
+        }
+        for name in &client_commands {
+            assert!(ClientCommand::has_subcommand(name), "{name}");
+        }
+        assert!(!ClientCommand::has_subcommand("serve"));
+        // A client command line is not a server one: no server flag is accepted with it.
+        assert!(ClientCli::try_parse_from(["locksmith", "get", "k"]).is_ok());
+        assert!(
+            ClientCli::try_parse_from(["locksmith", "get", "--lock-timeout", "5s", "k"]).is_err()
+        );
+    }
+
+    #[test]
     fn lock_takes_keys_then_the_command_after_a_double_dash() {
-        let cli = Cli::try_parse_from([
+        let cli = ClientCli::try_parse_from([
             "locksmith",
             "lock",
             "--read",
@@ -469,13 +514,13 @@ mod tests {
             "--x",
         ])
         .expect("lock parses");
-        let Some(CliCommand::Lock(args)) = cli.command else {
+        let ClientCommand::Lock(args) = cli.command else {
             panic!("not lock");
         };
         assert!(args.read);
         assert_eq!(args.keys, ["a", "b"]);
         assert_eq!(args.command, ["echo", "--x"]);
         assert_eq!(args.timeout, Some(Duration::from_secs(10)));
-        assert!(Cli::try_parse_from(["locksmith", "lock", "a"]).is_err());
+        assert!(ClientCli::try_parse_from(["locksmith", "lock", "a"]).is_err());
     }
 }
