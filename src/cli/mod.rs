@@ -375,39 +375,44 @@ async fn show(text: &str, watch: Option<Duration>) -> bool {
 async fn kill(args: KillArgs) -> Result<u8, Failure> {
     let client = args.server.connect(Some(CLI_NAME)).await?;
     let sessions = client.sessions().await?;
-    let target = resolve_session(&args.session, &sessions)?;
+    let target = resolve_session(&args.session, &sessions, client.session_id())?;
     client.kill(&target).await?;
     client.close().await;
     println!("killed {target}");
     Ok(0)
 }
 
-/// The full id of the one session `given` names: an exact id, a unique id prefix, or a unique
-/// name.
+/// The full id of the one session `given` names, among the sessions other than the CLI's own
+/// (`own`): an exact id wins; otherwise the sessions whose id starts with `given` and those named
+/// `given` together must be exactly one. A name that is also a prefix of another session's id
+/// ("db", "cafe") is ambiguous rather than read as either.
 fn resolve_session(
     given: &str,
     sessions: &[crate::client::SessionView],
+    own: &str,
 ) -> Result<String, Failure> {
-    let by_id: Vec<&str> = sessions
-        .iter()
-        .filter(|s| s.session.starts_with(given))
-        .map(|s| s.session.as_str())
+    let others = || sessions.iter().filter(|s| s.session != own);
+    if let Some(exact) = others().find(|s| s.session == given) {
+        return Ok(exact.session.clone());
+    }
+    let matches: Vec<&crate::client::SessionView> = others()
+        .filter(|s| s.session.starts_with(given) || s.name.as_deref() == Some(given))
         .collect();
-    let by_name: Vec<&str> = sessions
-        .iter()
-        .filter(|s| s.name.as_deref() == Some(given))
-        .map(|s| s.session.as_str())
-        .collect();
-    let matches = if by_id.is_empty() { by_name } else { by_id };
     match matches.as_slice() {
-        [one] => Ok((*one).to_owned()),
+        [one] => Ok(one.session.clone()),
         [] => Err(Failure::from(ClientError::NotFound(format!(
             "no open session has the id, id prefix or name {given:?}"
         )))),
         many => Err(Failure::usage(format!(
-            "{given:?} names {} sessions ({}); give more of the id",
+            "{given:?} names {} sessions by id prefix or name ({}); give more of the id",
             many.len(),
-            many.join(", ")
+            many.iter()
+                .map(|s| match &s.name {
+                    Some(name) => format!("{} ({name})", s.session),
+                    None => s.session.clone(),
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
         ))),
     }
 }
@@ -425,6 +430,9 @@ mod tests {
         }
     }
 
+    /// The CLI's own session in the tests' lists.
+    const OWN: &str = "cafe0000-0";
+
     #[test]
     fn kill_accepts_an_id_a_unique_prefix_or_a_unique_name() {
         let sessions = [
@@ -432,24 +440,62 @@ mod tests {
             session("5f2e9999-2", Some("report")),
             session("0b6b0f0e-3", Some("report")),
         ];
-        assert_eq!(
-            resolve_session("5f2e1c3a-1", &sessions).ok(),
-            Some("5f2e1c3a-1".into())
-        );
-        assert_eq!(
-            resolve_session("0b6b", &sessions).ok(),
-            Some("0b6b0f0e-3".into())
-        );
-        assert_eq!(
-            resolve_session("backup", &sessions).ok(),
-            Some("5f2e1c3a-1".into())
-        );
-        let ambiguous = resolve_session("5f2e", &sessions).expect_err("two ids start so");
+        let resolve = |given| resolve_session(given, &sessions, OWN);
+        assert_eq!(resolve("5f2e1c3a-1").ok(), Some("5f2e1c3a-1".into()));
+        assert_eq!(resolve("0b6b").ok(), Some("0b6b0f0e-3".into()));
+        assert_eq!(resolve("backup").ok(), Some("5f2e1c3a-1".into()));
+        let ambiguous = resolve("5f2e").expect_err("two ids start so");
         assert_eq!(ambiguous.status, exit::BAD_USAGE);
-        let two_names = resolve_session("report", &sessions).expect_err("two sessions so named");
+        let two_names = resolve("report").expect_err("two sessions so named");
         assert_eq!(two_names.status, exit::BAD_USAGE);
-        let none = resolve_session("nobody", &sessions).expect_err("no such session");
+        let none = resolve("nobody").expect_err("no such session");
         assert_eq!(none.code, "not_found");
+    }
+
+    #[test]
+    fn kill_calls_a_name_that_also_prefixes_another_sessions_id_ambiguous_but_an_exact_id_wins() {
+        // "db" is a session's name and the start of another's id: it used to pick the id.
+        let sessions = [
+            session("db12aaaa-1", None),
+            session("0b6b0f0e-2", Some("db")),
+            session("0b6b0f0e-3", Some("0b6b0f0e-2")),
+        ];
+        let resolve = |given| resolve_session(given, &sessions, OWN);
+        let ambiguous = resolve("db").expect_err("a name and an id prefix");
+        assert_eq!(ambiguous.status, exit::BAD_USAGE);
+        assert!(
+            ambiguous.message.contains("db12aaaa-1")
+                && ambiguous.message.contains("0b6b0f0e-2 (db)"),
+            "lists both: {}",
+            ambiguous.message
+        );
+        // An exact id beats a session that has that text as its name.
+        assert_eq!(resolve("0b6b0f0e-2").ok(), Some("0b6b0f0e-2".into()));
+        // A name and an id prefix of the same session are one match.
+        let one = [session("cafe1234-1", Some("cafe"))];
+        assert_eq!(
+            resolve_session("cafe", &one, OWN).ok(),
+            Some("cafe1234-1".into())
+        );
+    }
+
+    #[test]
+    fn kill_never_picks_the_clis_own_session() {
+        let sessions = [
+            session(OWN, Some("locksmith-cli")),
+            session("cafe1234-1", Some("job")),
+        ];
+        let resolve = |given| resolve_session(given, &sessions, OWN);
+        assert_eq!(
+            resolve("cafe").ok(),
+            Some("cafe1234-1".into()),
+            "the own id prefix is no rival"
+        );
+        assert_eq!(resolve(OWN).expect_err("its own id").code, "not_found");
+        assert_eq!(
+            resolve("locksmith-cli").expect_err("its own name").code,
+            "not_found"
+        );
     }
 
     #[test]
