@@ -8,6 +8,7 @@ pub mod exit;
 mod lock_command;
 mod tables;
 
+use std::borrow::Cow;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -241,14 +242,45 @@ async fn get(args: GetArgs) -> Result<u8, Failure> {
     client.close().await;
     if args.json {
         println!("{}", Value::Object(values.into_iter().collect()));
-    } else if let [key] = args.keys.as_slice() {
-        println!("{}", plain(values.get(key).unwrap_or(&Value::Null)));
     } else {
-        for key in &args.keys {
-            println!("{key}\t{}", plain(values.get(key).unwrap_or(&Value::Null)));
-        }
+        print!("{}", values_text(&args.keys, &values));
     }
     Ok(0)
+}
+
+/// `get`'s plain output: the value alone for one key, else one `key<TAB>value` line per key. Key
+/// names are escaped ([`escape_controls`]); values are printed as stored (a string as its text,
+/// control characters included: `get` is how a script reads a value back).
+fn values_text(keys: &[String], values: &crate::client::Values) -> String {
+    let value = |key: &String| plain(values.get(key).unwrap_or(&Value::Null));
+    match keys {
+        [key] => format!("{}\n", value(key)),
+        keys => keys
+            .iter()
+            .map(|key| format!("{}\t{}\n", escape_controls(key), value(key)))
+            .collect(),
+    }
+}
+
+/// Text from the server (a key, a name) made safe for a terminal: every control character
+/// (`char::is_control`: ESC, CR, BEL, the C1 controls, ...) as its Rust escape (`\u{1b}`, `\r`),
+/// so that no client can put escape sequences into another user's terminal through a key or a
+/// name. Everything else is left as it is.
+pub(crate) fn escape_controls(text: &str) -> Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return Cow::Borrowed(text);
+    }
+    Cow::Owned(
+        text.chars()
+            .map(|c| {
+                if c.is_control() {
+                    c.escape_default().to_string()
+                } else {
+                    c.to_string()
+                }
+            })
+            .collect(),
+    )
 }
 
 /// A value for a terminal: a string as its text, anything else as JSON.
@@ -302,7 +334,7 @@ async fn keys(args: KeysArgs) -> Result<u8, Failure> {
             all.extend(page.keys);
         } else {
             for key in &page.keys {
-                println!("{key}");
+                println!("{}", escape_controls(key));
             }
         }
         match page.next {
@@ -408,7 +440,7 @@ fn resolve_session(
             many.len(),
             many.iter()
                 .map(|s| match &s.name {
-                    Some(name) => format!("{} ({name})", s.session),
+                    Some(name) => format!("{} ({})", s.session, escape_controls(name)),
                     None => s.session.clone(),
                 })
                 .collect::<Vec<_>>()
@@ -428,6 +460,28 @@ mod tests {
             name: name.map(Into::into),
             ..SessionView::default()
         }
+    }
+
+    #[test]
+    fn plain_output_escapes_control_characters_in_key_names_but_prints_values_as_stored() {
+        assert_eq!(escape_controls("job/a"), "job/a");
+        assert_eq!(
+            escape_controls("evil\u{1b}]0;owned\u{7}\r\n\u{9b}2J\tü"),
+            "evil\\u{1b}]0;owned\\u{7}\\r\\n\\u{9b}2J\\tü"
+        );
+        let keys = vec!["a\u{1b}[2J".to_owned(), "b".to_owned()];
+        let values: crate::client::Values = [
+            ("a\u{1b}[2J".to_owned(), Value::String("x\u{1b}[1m".into())),
+            ("b".to_owned(), serde_json::json!(1)),
+        ]
+        .into_iter()
+        .collect();
+        assert_eq!(
+            values_text(&keys, &values),
+            "a\\u{1b}[2J\tx\u{1b}[1m\nb\t1\n",
+            "the key escaped, the string value as stored"
+        );
+        assert_eq!(values_text(&keys[..1], &values), "x\u{1b}[1m\n");
     }
 
     /// The CLI's own session in the tests' lists.
