@@ -293,7 +293,10 @@ impl Client {
     /// Bound the wait with `timeout`, not by dropping the future: a call whose future is dropped
     /// is still carried out by the server (it may be granted later, and the locks are then held
     /// until `unlock` or the end of the connection). To give up a wait from elsewhere, call
-    /// [`cancel`](Self::cancel).
+    /// [`cancel`](Self::cancel) — but it withdraws this call only if the call is already waiting
+    /// for a lock when the cancel reaches the server. A call still queued behind another call of
+    /// this client (pipelined from another task) is not withdrawn: the cancel answers `false`
+    /// and the call runs later as usual. `timeout` has no such gap.
     ///
     /// # Errors
     /// `Deadlock`, `Timeout`, `Cancelled`, `BadRequest`, ... as the server answers.
@@ -415,6 +418,13 @@ impl Client {
 
     /// Withdraws this session's lock wait, if it has one (that call then fails with
     /// [`ClientError::Cancelled`]). Returns whether a wait was withdrawn.
+    ///
+    /// The server decides when the cancel's frame arrives (it does not wait its turn): it
+    /// withdraws only the request that is waiting for a lock at that moment. A `lock`, `read`,
+    /// `write` or `delete` sent earlier but still queued behind another request of this session
+    /// has not started waiting, so it is not withdrawn — the cancel answers `false` and that
+    /// call runs later as usual; nor is a request past its lock wait (a write waiting for its
+    /// commit). To bound a wait whatever is ahead of it, give the call a `timeout`.
     ///
     /// # Errors
     /// [`ClientError::ConnectionLost`] and the like.
