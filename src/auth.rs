@@ -14,14 +14,28 @@ use std::str::FromStr;
 use axum::http::{header, HeaderMap, Uri};
 use subtle::ConstantTimeEq;
 
-/// A token from the configuration. Its `Debug` and `Display` never show it.
+/// A token: from the server's configuration, or the one a client presents. Its `Debug` and
+/// `Display` never show it; [`Secret::reveal`] is the only way to its text.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(String);
 
 impl Secret {
+    /// A client's token, as given: without [`FromStr`]'s emptiness check, since a client sends
+    /// what it was given and the server judges it.
+    pub(crate) fn client_token(text: String) -> Secret {
+        Secret(text)
+    }
+
     /// Does `presented` equal this secret? In constant time for tokens of equal length.
     pub fn matches(&self, presented: &str) -> bool {
         self.0.as_bytes().ct_eq(presented.as_bytes()).into()
+    }
+
+    /// The secret's text. This is the one place a secret is revealed: the client calls it to
+    /// build the `Authorization: Bearer` header it sends, and nothing else should. Never format,
+    /// print or log what it returns.
+    pub fn reveal(&self) -> &str {
+        &self.0
     }
 }
 

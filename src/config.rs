@@ -96,8 +96,17 @@ pub struct Config {
     #[arg(long, env = "LOCKSMITH_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<crate::auth::Secret>,
 
-    /// Listen on a non-loopback address without `--token` (only on a network you trust).
-    #[arg(long, env = "LOCKSMITH_INSECURE_NO_AUTH")]
+    /// Listen on a non-loopback address without `--token` (only on a network you trust). A bare
+    /// flag, or a boolean as for `--in-memory`, also as the value of the environment variable.
+    #[arg(
+        long,
+        env = "LOCKSMITH_INSECURE_NO_AUTH",
+        action = ArgAction::Set,
+        num_args = 0..=1,
+        default_value = "false",
+        default_missing_value = "true",
+        value_parser = BoolishValueParser::new()
+    )]
     pub insecure_no_auth: bool,
 }
 
@@ -446,32 +455,36 @@ mod tests {
     }
 
     #[test]
-    fn in_memory_is_a_bare_flag_or_a_boolean_in_any_usual_spelling() {
-        let in_memory = |args: &[&str]| {
-            Config::try_parse_from(std::iter::once("locksmith").chain(args.iter().copied()))
-                .map(|config| config.in_memory)
-        };
-        assert_eq!(in_memory(&[]).ok(), Some(false));
-        assert_eq!(in_memory(&["--in-memory"]).ok(), Some(true));
-        assert_eq!(
-            in_memory(&["--in-memory", "--data-dir", "x"]).ok(),
-            Some(true)
-        );
-        for yes in ["1", "true", "TRUE", "yes", "Yes", "on", "y"] {
-            assert_eq!(
-                in_memory(&[&format!("--in-memory={yes}")]).ok(),
-                Some(true),
-                "{yes}"
-            );
+    fn in_memory_and_insecure_no_auth_are_bare_flags_or_booleans_in_any_usual_spelling() {
+        type Field = fn(&Config) -> bool;
+        let flags: [(&str, Field); 2] = [
+            ("--in-memory", |config| config.in_memory),
+            ("--insecure-no-auth", |config| config.insecure_no_auth),
+        ];
+        for (flag, field) in flags {
+            let parse = |args: &[&str]| {
+                Config::try_parse_from(std::iter::once("locksmith").chain(args.iter().copied()))
+                    .map(|config| field(&config))
+            };
+            assert_eq!(parse(&[]).ok(), Some(false), "{flag}");
+            assert_eq!(parse(&[flag]).ok(), Some(true), "{flag}");
+            assert_eq!(parse(&[flag, "--data-dir", "x"]).ok(), Some(true), "{flag}");
+            for yes in ["1", "true", "TRUE", "yes", "Yes", "on", "y"] {
+                assert_eq!(
+                    parse(&[&format!("{flag}={yes}")]).ok(),
+                    Some(true),
+                    "{flag}={yes}"
+                );
+            }
+            for no in ["0", "false", "False", "no", "NO", "off", "n"] {
+                assert_eq!(
+                    parse(&[&format!("{flag}={no}")]).ok(),
+                    Some(false),
+                    "{flag}={no}"
+                );
+            }
+            assert_eq!(parse(&[flag, "no"]).ok(), Some(false), "{flag} no");
+            assert!(parse(&[&format!("{flag}=maybe")]).is_err(), "{flag}=maybe");
         }
-        for no in ["0", "false", "False", "no", "NO", "off", "n"] {
-            assert_eq!(
-                in_memory(&[&format!("--in-memory={no}")]).ok(),
-                Some(false),
-                "{no}"
-            );
-        }
-        assert_eq!(in_memory(&["--in-memory", "no"]).ok(), Some(false));
-        assert!(in_memory(&["--in-memory=maybe"]).is_err());
     }
 }

@@ -1,13 +1,14 @@
 //! The `locksmith` binary. Without a command (or with `serve`) it parses the server's
 //! configuration, starts the server, and shuts it down gracefully on SIGINT or SIGTERM; the other
-//! commands are the command-line client ([`locksmith::cli`]).
+//! commands are the command-line client ([`locksmith::cli`]), parsed without the server's flags
+//! and environment variables.
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use clap::Parser;
-use locksmith::cli::{Cli, CliCommand};
+use clap::{Parser, Subcommand};
+use locksmith::cli::{Cli, CliCommand, ClientCli, ClientCommand};
 use locksmith::config::Config;
 use locksmith::listen;
 use locksmith::server::{self, ServerSettings};
@@ -15,23 +16,21 @@ use locksmith::store::{MemoryStore, RedbStore, Store};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
+    // A client command is parsed without the server's flags, so that the server's environment
+    // variables (say a `LOCKSMITH_LOCK_TIMEOUT` the server would refuse) never stop a client.
+    let first = std::env::args_os().nth(1);
+    if first
+        .as_deref()
+        .and_then(std::ffi::OsStr::to_str)
+        .is_some_and(ClientCommand::has_subcommand)
+    {
+        return run_client(ClientCli::parse().command);
+    }
     let cli = Cli::parse();
     let config = match cli.command {
         None => cli.serve,
         Some(CliCommand::Serve(config)) => config,
-        // A client command is one connection: one thread starts faster than a pool of them.
-        Some(command) => {
-            return match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(runtime) => runtime.block_on(locksmith::cli::run(command)),
-                Err(error) => {
-                    eprintln!("locksmith: cannot start the runtime: {error}");
-                    ExitCode::FAILURE
-                }
-            };
-        }
+        Some(CliCommand::Client(command)) => return run_client(command),
     };
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -51,6 +50,20 @@ fn main() -> ExitCode {
         Err(error) => {
             tracing::error!("{error}");
             eprintln!("locksmith: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs a client command. It is one connection: one thread starts faster than a pool of them.
+fn run_client(command: ClientCommand) -> ExitCode {
+    match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime.block_on(locksmith::cli::run(command)),
+        Err(error) => {
+            eprintln!("locksmith: cannot start the runtime: {error}");
             ExitCode::FAILURE
         }
     }

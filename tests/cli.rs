@@ -15,7 +15,7 @@ use locksmith::client::{Client, ClientError};
 use locksmith::lock::LockMode::Exclusive;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdout, Command};
-use wire::{holders, settings, start, BOUND};
+use wire::{connect_client, holders, settings, start, BOUND};
 
 /// Exit statuses documented in the README (and `src/cli/exit.rs`).
 const CANNOT_CONNECT: i32 = 10;
@@ -74,15 +74,10 @@ fn stdout_lines(child: &mut Child) -> Lines<BufReader<ChildStdout>> {
     BufReader::new(child.stdout.take().expect("piped stdout")).lines()
 }
 
-async fn connect(url: &str) -> Client {
-    tokio::time::timeout(BOUND, Client::connect(url))
-        .await
-        .expect("connect in time")
-        .expect("connect")
-}
-
 #[tokio::test]
 async fn lock_holds_the_lock_exactly_while_the_command_runs() {
+    // CMD prints "finished" and then still runs (it waits for a second line): a release that
+    // came with CMD's last output instead of its exit would show as the key let go here.
     let server = start(settings()).await;
     let url = server.url();
     let mut first = cli(
@@ -93,7 +88,7 @@ async fn lock_holds_the_lock_exactly_while_the_command_runs() {
             "--",
             "sh",
             "-c",
-            "echo started; read line; echo finished",
+            "echo started; read a; echo finished; read b",
         ],
     )
     .stdin(Stdio::piped())
@@ -107,7 +102,7 @@ async fn lock_holds_the_lock_exactly_while_the_command_runs() {
         "held while CMD runs"
     );
 
-    let probe = connect(&url).await;
+    let probe = connect_client(&url).await;
     let busy = probe.lock(&["job"], Exclusive, Some(Duration::ZERO)).await;
     assert!(matches!(busy, Err(ClientError::Timeout { .. })), "{busy:?}");
 
@@ -121,12 +116,30 @@ async fn lock_holds_the_lock_exactly_while_the_command_runs() {
         .await;
 
     let mut stdin = first.stdin.take().expect("piped stdin");
-    stdin.write_all(b"go\n").await.expect("let CMD finish");
+    stdin.write_all(b"one\n").await.expect("first line");
     assert_eq!(next_line(&mut first_out).await, "finished");
-    assert_eq!(exit_code(&mut first).await, 0);
+    // CMD is blocked reading its second line: it has printed everything but not exited.
+    let snapshot = server.snapshot();
+    assert_eq!(
+        holders(&snapshot, "job").len(),
+        1,
+        "still held after CMD's last line, while it runs"
+    );
+    assert!(
+        snapshot
+            .key(&"job".into())
+            .is_some_and(|k| k.queue.len() == 1),
+        "the second lock still waits"
+    );
 
+    stdin.write_all(b"two\n").await.expect("second line");
+    assert_eq!(exit_code(&mut first).await, 0);
     let mut second_out = stdout_lines(&mut second);
-    assert_eq!(next_line(&mut second_out).await, "second ran");
+    assert_eq!(
+        next_line(&mut second_out).await,
+        "second ran",
+        "released once CMD exited"
+    );
     assert_eq!(exit_code(&mut second).await, 0);
     probe.close().await;
     server.wait_idle().await;
@@ -156,7 +169,7 @@ async fn lock_passes_tokens_and_session_to_the_command_and_exits_with_its_status
 #[tokio::test]
 async fn lock_that_is_not_granted_in_time_exits_11_without_running_the_command() {
     let server = start(settings()).await;
-    let holder = connect(&server.url()).await;
+    let holder = connect_client(&server.url()).await;
     holder.lock(&["job"], Exclusive, None).await.expect("lock");
     for timeout in ["0s", "100ms"] {
         let (status, stdout, stderr) = run(
@@ -178,8 +191,8 @@ async fn lock_refused_as_the_victim_of_a_deadlock_exits_12() {
     // the continuing request closes the cycle and is its victim.
     let server = start(settings()).await;
     let url = server.url();
-    let z = connect(&url).await;
-    let x = std::sync::Arc::new(connect(&url).await);
+    let z = connect_client(&url).await;
+    let x = std::sync::Arc::new(connect_client(&url).await);
     z.lock(&["k1"], Exclusive, None).await.expect("z takes k1");
     let mut cli_lock = cli(&url, &["lock", "k1", "k2", "--", "echo", "ran"])
         .spawn()
@@ -240,14 +253,76 @@ async fn interrupting_lock_passes_the_signal_to_the_command_then_releases_the_lo
         .expect("spawn");
     let mut out = stdout_lines(&mut child);
     assert_eq!(next_line(&mut out).await, "started");
-    let pid = i32::try_from(child.id().expect("running")).expect("pid");
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid),
-        nix::sys::signal::Signal::SIGINT,
-    )
-    .expect("send SIGINT");
+    send_signal(&child, nix::sys::signal::Signal::SIGINT);
     assert_eq!(next_line(&mut out).await, "interrupted");
     assert_eq!(exit_code(&mut child).await, 130, "CMD's status");
+    server.wait_idle().await;
+    server.stop().await;
+}
+
+/// Sends `signal` to the `locksmith` process `child`.
+fn send_signal(child: &Child, signal: nix::sys::signal::Signal) {
+    let pid = i32::try_from(child.id().expect("running")).expect("pid");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal).expect("send the signal");
+}
+
+#[tokio::test]
+async fn a_signal_while_lock_waits_gives_up_the_wait_without_running_the_command() {
+    // The handlers used to be installed only after CMD was spawned: a SIGTERM before that ended
+    // `locksmith` by the default action (no message, no clean close). Now they exist before the
+    // wait, and a signal during it gives the wait up: CMD never runs, the exit status is 128 + N.
+    let server = start(settings()).await;
+    let holder = connect_client(&server.url()).await;
+    holder.lock(&["job"], Exclusive, None).await.expect("lock");
+    let mut waiting = cli(&server.url(), &["lock", "job", "--", "echo", "ran"])
+        .spawn()
+        .expect("spawn");
+    server
+        .wait_for("the CLI queued on job", |s| {
+            s.key(&"job".into()).is_some_and(|k| k.queue.len() == 1)
+        })
+        .await;
+    send_signal(&waiting, nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(exit_code(&mut waiting).await, 128 + 15, "128 + SIGTERM");
+    let mut stdout = String::new();
+    let mut stderr = String::new();
+    tokio::io::AsyncReadExt::read_to_string(
+        &mut waiting.stdout.take().expect("stdout"),
+        &mut stdout,
+    )
+    .await
+    .expect("read stdout");
+    tokio::io::AsyncReadExt::read_to_string(
+        &mut waiting.stderr.take().expect("stderr"),
+        &mut stderr,
+    )
+    .await
+    .expect("read stderr");
+    assert_eq!(stdout, "", "CMD must not run");
+    assert!(stderr.starts_with("locksmith: interrupted: "), "{stderr}");
+    server
+        .wait_for("the wait withdrawn", |s| {
+            s.key(&"job".into()).is_some_and(|k| k.queue.is_empty())
+        })
+        .await;
+    holder.close().await;
+    server.wait_idle().await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_sigterm_sent_as_soon_as_the_command_starts_is_passed_on_to_it() {
+    // CMD signals `locksmith` (its parent) first thing: the handlers must already be there, or
+    // `locksmith` dies, the server releases the lock, and CMD runs on unlocked and orphaned.
+    let server = start(settings()).await;
+    let script = "sleep 60 >/dev/null 2>&1 & p=$!; \
+                  trap 'kill $p; echo passed on; exit 3' TERM; kill -TERM $PPID; wait $p";
+    let mut child = cli(&server.url(), &["lock", "job", "--", "sh", "-c", script])
+        .spawn()
+        .expect("spawn");
+    let mut out = stdout_lines(&mut child);
+    assert_eq!(next_line(&mut out).await, "passed on");
+    assert_eq!(exit_code(&mut child).await, 3, "CMD's status");
     server.wait_idle().await;
     server.stop().await;
 }
@@ -261,6 +336,41 @@ async fn lock_without_a_server_exits_10() {
     assert_eq!(status, CANNOT_CONNECT, "{stderr}");
     assert_eq!(stdout, "");
     assert!(stderr.starts_with("locksmith: connect: "), "{stderr}");
+}
+
+#[tokio::test]
+async fn a_connect_error_does_not_print_a_token_on_the_url() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let url = format!(
+        "ws://{}/ws?token=SUPERSECRET",
+        listener.local_addr().expect("addr")
+    );
+    drop(listener);
+    let (status, _, stderr) = run(&url, &["get", "k"]).await;
+    assert_eq!(status, CANNOT_CONNECT, "{stderr}");
+    assert!(stderr.starts_with("locksmith: connect: "), "{stderr}");
+    assert!(!stderr.contains("SUPERSECRET"), "{stderr}");
+    assert!(stderr.contains("token=<hidden>"), "{stderr}");
+}
+
+#[tokio::test]
+async fn client_commands_do_not_read_the_servers_environment() {
+    // The server's flags were parsed for every command, so a server setting the server itself
+    // would refuse (a duration without a unit) stopped `locksmith get` with a usage error.
+    let server = start(settings()).await;
+    let mut get = cli(&server.url(), &["get", "k"]);
+    get.env("LOCKSMITH_LOCK_TIMEOUT", "5")
+        .env("LOCKSMITH_INSECURE_NO_AUTH", "maybe")
+        .env("LOCKSMITH_LISTEN", "not an address");
+    let output = tokio::time::timeout(BOUND, get.output())
+        .await
+        .expect("in time")
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    assert_eq!(String::from_utf8_lossy(&output.stdout), "null\n");
+    server.wait_idle().await;
+    server.stop().await;
 }
 
 #[tokio::test]
@@ -338,7 +448,7 @@ async fn set_get_del_and_keys_round_trip_through_the_server() {
 #[tokio::test]
 async fn get_waits_for_a_writer_as_the_read_command_does() {
     let server = start(settings()).await;
-    let holder = connect(&server.url()).await;
+    let holder = connect_client(&server.url()).await;
     holder.lock(&["k"], Exclusive, None).await.expect("lock");
     let mut get = cli(&server.url(), &["get", "k"]).spawn().expect("spawn");
     server

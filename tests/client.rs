@@ -12,19 +12,12 @@ use locksmith::lock::LockMode::{Exclusive, Shared};
 use locksmith::server::ServerSettings;
 use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
-use wire::{settings, start, BOUND};
-
-async fn connect(url: &str) -> Client {
-    tokio::time::timeout(BOUND, Client::connect(url))
-        .await
-        .expect("connect in time")
-        .expect("connect")
-}
+use wire::{connect_client, settings, start, BOUND};
 
 #[tokio::test]
 async fn calls_pipelined_from_many_tasks_on_one_client_each_get_their_own_answer() {
     let server = start(settings()).await;
-    let client = std::sync::Arc::new(connect(&server.url()).await);
+    let client = std::sync::Arc::new(connect_client(&server.url()).await);
     let mut tasks = Vec::new();
     for n in 0..200 {
         let client = client.clone();
@@ -54,7 +47,7 @@ async fn calls_pipelined_from_many_tasks_on_one_client_each_get_their_own_answer
 #[tokio::test]
 async fn a_grant_carries_a_fencing_token_per_key_that_increases() {
     let server = start(settings()).await;
-    let client = connect(&server.url()).await;
+    let client = connect_client(&server.url()).await;
     let first = client
         .lock(&["a", "b"], Exclusive, None)
         .await
@@ -69,8 +62,8 @@ async fn a_grant_carries_a_fencing_token_per_key_that_increases() {
 #[tokio::test]
 async fn errors_mirror_the_wire_codes_with_their_details() {
     let server = start(settings()).await;
-    let a = connect(&server.url()).await;
-    let b = connect(&server.url()).await;
+    let a = connect_client(&server.url()).await;
+    let b = connect_client(&server.url()).await;
     a.lock(&["k"], Exclusive, None).await.expect("lock");
     match b.lock(&["k"], Exclusive, Some(Duration::ZERO)).await {
         Err(ClientError::Timeout { key, .. }) => assert_eq!(key, "k"),
@@ -91,8 +84,8 @@ async fn errors_mirror_the_wire_codes_with_their_details() {
 #[tokio::test]
 async fn a_deadlock_error_names_the_cycle_starting_with_the_refused_session() {
     let server = start(settings()).await;
-    let a = std::sync::Arc::new(connect(&server.url()).await);
-    let b = connect(&server.url()).await;
+    let a = std::sync::Arc::new(connect_client(&server.url()).await);
+    let b = connect_client(&server.url()).await;
     a.lock(&["k1"], Exclusive, None).await.expect("a takes k1");
     b.lock(&["k2"], Exclusive, None).await.expect("b takes k2");
     let waiting = {
@@ -119,8 +112,8 @@ async fn a_deadlock_error_names_the_cycle_starting_with_the_refused_session() {
 #[tokio::test]
 async fn a_waiting_call_is_answered_shutting_down_when_the_server_stops_then_lost_resolves() {
     let server = start(settings()).await;
-    let holder = connect(&server.url()).await;
-    let waiter = std::sync::Arc::new(connect(&server.url()).await);
+    let holder = connect_client(&server.url()).await;
+    let waiter = std::sync::Arc::new(connect_client(&server.url()).await);
     holder.lock(&["k"], Exclusive, None).await.expect("lock");
     let waiting = {
         let waiter = waiter.clone();
@@ -182,7 +175,7 @@ async fn next_request(
 #[tokio::test]
 async fn a_call_in_flight_when_the_connection_breaks_fails_with_connection_lost() {
     let url = server_that_drops_the_second_request().await;
-    let client = connect(&url).await;
+    let client = connect_client(&url).await;
     assert_eq!(client.session_id(), "s-1");
     let answer = tokio::time::timeout(BOUND, client.lock(&["k"], Exclusive, None))
         .await
@@ -201,7 +194,7 @@ async fn connecting_to_a_full_server_fails_with_server_busy() {
         ..settings()
     })
     .await;
-    let first = connect(&server.url()).await;
+    let first = connect_client(&server.url()).await;
     let refused = tokio::time::timeout(BOUND, Client::connect(&server.url()))
         .await
         .expect("answered in time");
@@ -229,7 +222,7 @@ async fn connecting_where_nothing_listens_fails_with_connect() {
 #[tokio::test]
 async fn closing_a_client_releases_its_locks() {
     let server = start(settings()).await;
-    let client = connect(&server.url()).await;
+    let client = connect_client(&server.url()).await;
     client.lock(&["k"], Exclusive, None).await.expect("lock");
     client.close().await;
     server.wait_idle().await;
@@ -310,7 +303,7 @@ async fn a_named_client_is_shown_by_name_in_sessions_and_locks() {
 #[tokio::test]
 async fn delete_and_keys_page_through_what_is_stored() {
     let server = start(settings()).await;
-    let client = connect(&server.url()).await;
+    let client = connect_client(&server.url()).await;
     let entries: Vec<(String, serde_json::Value)> =
         (0..5).map(|n| (format!("p/{n}"), json!(n))).collect();
     client.write(&entries, false).await.expect("write");
@@ -342,8 +335,8 @@ async fn delete_and_keys_page_through_what_is_stored() {
 #[tokio::test]
 async fn cancel_withdraws_this_clients_wait_which_fails_cancelled() {
     let server = start(settings()).await;
-    let holder = connect(&server.url()).await;
-    let waiter = std::sync::Arc::new(connect(&server.url()).await);
+    let holder = connect_client(&server.url()).await;
+    let waiter = std::sync::Arc::new(connect_client(&server.url()).await);
     holder.lock(&["k"], Exclusive, None).await.expect("lock");
     let waiting = {
         let waiter = waiter.clone();
@@ -381,8 +374,8 @@ async fn a_killed_client_sees_its_wait_answered_killed_and_its_connection_lost()
     .await
     .expect("in time")
     .expect("connect");
-    let holder = connect(&server.url()).await;
-    let victim = std::sync::Arc::new(connect(&server.url()).await);
+    let holder = connect_client(&server.url()).await;
+    let victim = std::sync::Arc::new(connect_client(&server.url()).await);
     holder.lock(&["k"], Exclusive, None).await.expect("lock");
     let waiting = {
         let victim = victim.clone();
@@ -433,4 +426,24 @@ async fn a_wrong_token_is_unauthorized() {
     .expect("in time");
     assert!(admitted.is_ok());
     server.stop().await;
+}
+
+#[tokio::test]
+async fn a_token_on_the_url_never_shows_in_a_connect_error() {
+    let connecting = Client::builder("ws://127.0.0.1:1/ws?token=SUPERSECRET")
+        .token("ALSOSECRET")
+        .connect();
+    let error = match tokio::time::timeout(BOUND, connecting)
+        .await
+        .expect("in time")
+    {
+        Err(error) => error,
+        Ok(_) => panic!("nothing listens on port 1"),
+    };
+    assert_eq!(error.code(), "connect", "{error}");
+    for shown in [error.to_string(), format!("{error:?}")] {
+        assert!(!shown.contains("SUPERSECRET"), "{shown}");
+        assert!(!shown.contains("ALSOSECRET"), "{shown}");
+        assert!(shown.contains("token=<hidden>"), "{shown}");
+    }
 }

@@ -81,6 +81,21 @@ fn in_memory_from_the_environment_refuses_a_non_boolean() {
 }
 
 #[test]
+fn insecure_no_auth_from_the_environment_accepts_one() {
+    // It was a plain flag, whose variable took only `true`/`false`: `=1` stopped the start.
+    let mut command = locksmith();
+    command
+        .arg("--in-memory")
+        .env("LOCKSMITH_INSECURE_NO_AUTH", "1");
+    let server = ServerProcess::start(command);
+    assert!(
+        server.log.iter().any(|l| l.contains("listening on")),
+        "{:?}",
+        server.log
+    );
+}
+
+#[test]
 fn a_busy_default_address_stops_the_binary_naming_it() {
     let other_program = TcpListener::bind("127.0.0.1:0").expect("bind");
     let busy = other_program.local_addr().expect("local address");

@@ -7,6 +7,7 @@
 
 use std::process::ExitCode;
 
+use super::escape_controls;
 use crate::client::ClientError;
 
 /// Exit status: the command line is wrong (clap's own status for usage errors).
@@ -56,8 +57,18 @@ impl Failure {
 
     /// Prints the one-line error on stderr and gives the exit code.
     pub fn report(&self) -> ExitCode {
-        eprintln!("locksmith: {}: {}", self.code, self.message);
+        eprintln!("{}", self.line());
         ExitCode::from(self.status)
+    }
+
+    /// `locksmith: <code>: <sentence>`, with control characters escaped: the server's sentence
+    /// may name other clients' keys and sessions (a deadlock's cycle).
+    pub fn line(&self) -> String {
+        format!(
+            "locksmith: {}: {}",
+            escape_controls(&self.code),
+            escape_controls(&self.message)
+        )
     }
 }
 
@@ -107,6 +118,18 @@ mod tests {
             statuses[..4],
             [CANNOT_CONNECT, TIMEOUT, DEADLOCK, REFUSED],
             "the documented statuses"
+        );
+    }
+
+    #[test]
+    fn the_error_line_escapes_control_characters_from_the_server() {
+        let failure = Failure::from(ClientError::Timeout {
+            message: "timed out waiting for key k\u{1b}[2J".into(),
+            key: "k\u{1b}[2J".into(),
+        });
+        assert_eq!(
+            failure.line(),
+            "locksmith: timeout: timed out waiting for key k\\u{1b}[2J"
         );
     }
 

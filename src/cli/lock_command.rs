@@ -10,9 +10,14 @@
 //! SIGKILL after `--kill-after`, and the exit status is [`LOCK_LOST`]; `--on-lost=ignore` lets
 //! CMD run on (with a warning) and exits with its status.
 //!
-//! Signals: SIGTERM, and SIGINT/SIGHUP/SIGQUIT that did not come from the terminal, are passed on
-//! to CMD; the locks are released once CMD has exited. A Ctrl-C typed at the terminal already
-//! reaches CMD directly (it runs in the same process group), so it is not sent a second time.
+//! Signals: the handlers for SIGTERM, SIGINT, SIGHUP and SIGQUIT are installed before the locks
+//! are taken, so none of these signals ends `locksmith` by its default action while CMD may run.
+//! One that arrives while `locksmith` connects or waits for the locks gives up the wait: CMD is
+//! not run and the exit status is 128 + N. Once CMD runs, SIGTERM, and SIGINT/SIGHUP/SIGQUIT that
+//! did not come from the terminal, are passed on to CMD (so is one that arrived between the grant
+//! and CMD's start); the locks are released once CMD has exited. A Ctrl-C typed at the terminal
+//! already reaches CMD directly (it runs in the same process group), so it is not sent a second
+//! time.
 
 use std::ffi::OsString;
 use std::os::unix::process::ExitStatusExt;
@@ -83,13 +88,34 @@ pub async fn run(args: LockArgs) -> Result<u8, Failure> {
             .file_name()
             .map_or_else(|| "locksmith lock".into(), |n| n.to_string_lossy().into())
     });
-    let client = args.server.connect(Some(&name)).await?;
+    // The handlers exist before the locks are taken: a signal from now on is ours to handle
+    // (never the default action, which would end `locksmith` and so release the locks while CMD
+    // ran on). Until CMD runs, a signal gives up the wait; after, it is passed on to CMD.
+    let mut signals = Signals::new()?;
+    let client = tokio::select! {
+        client = args.server.connect(Some(&name)) => client?,
+        signal = signals.next_any() => return Err(interrupted(signal)),
+    };
     let mode = if args.read {
         LockMode::Shared
     } else {
         LockMode::Exclusive
     };
-    let grant = client.lock(&args.keys, mode, args.timeout).await?;
+    let grant = tokio::select! {
+        grant = client.lock(&args.keys, mode, args.timeout) => grant,
+        signal = signals.next_any() => {
+            // Closing the connection withdraws the wait (or releases a grant that raced it).
+            client.close().await;
+            return Err(interrupted(signal));
+        }
+    };
+    let grant = match grant {
+        Ok(grant) => grant,
+        Err(error) => {
+            client.close().await;
+            return Err(error.into());
+        }
+    };
     let tokens = serde_json::to_string(&grant.tokens).unwrap_or_else(|_| "{}".into());
     let mut child = match Command::new(program)
         .args(program_args)
@@ -112,7 +138,7 @@ pub async fn run(args: LockArgs) -> Result<u8, Failure> {
             ));
         }
     };
-    let outcome = supervise(&mut child, &client, &args).await;
+    let outcome = supervise(&mut child, &client, &args, signals).await;
     client.close().await;
     outcome
 }
@@ -122,8 +148,8 @@ async fn supervise(
     child: &mut Child,
     client: &crate::client::Client,
     args: &LockArgs,
+    mut signals: Signals,
 ) -> Result<u8, Failure> {
-    let mut signals = Signals::new()?;
     let mut lost_reason: Option<ClientError> = None;
     loop {
         tokio::select! {
@@ -163,6 +189,16 @@ fn forward(child: &Child, signal: Signal) {
     }
 }
 
+/// `locksmith lock` was sent `signal` before CMD ran: CMD is never run, and the exit status is
+/// what a shell reports for a process that `signal` ended (128 + N).
+fn interrupted(signal: Signal) -> Failure {
+    Failure::new(
+        u8::try_from(128 + signal as i32).unwrap_or(255),
+        "interrupted",
+        format!("{signal} while waiting for the locks; the command was not run"),
+    )
+}
+
 /// CMD's status as a shell reports it: its exit code, or 128 + the signal that ended it.
 fn exit_status(status: ExitStatus) -> u8 {
     match (status.code(), status.signal()) {
@@ -199,18 +235,24 @@ impl Signals {
         })
     }
 
+    /// The next signal, wherever it came from (before CMD runs, every one of them is for us).
+    async fn next_any(&mut self) -> Signal {
+        tokio::select! {
+            _ = self.terminate.recv() => Signal::SIGTERM,
+            _ = self.interrupt.recv() => Signal::SIGINT,
+            _ = self.hangup.recv() => Signal::SIGHUP,
+            _ = self.quit.recv() => Signal::SIGQUIT,
+        }
+    }
+
     /// The next signal to pass on to CMD. Terminal-generated ones (Ctrl-C, Ctrl-\, hangup)
     /// already reached CMD when we are in the terminal's foreground process group, so they are
     /// skipped then.
     async fn next(&mut self) -> Signal {
         loop {
-            let (signal, from_terminal_kind) = tokio::select! {
-                _ = self.terminate.recv() => (Signal::SIGTERM, false),
-                _ = self.interrupt.recv() => (Signal::SIGINT, true),
-                _ = self.hangup.recv() => (Signal::SIGHUP, true),
-                _ = self.quit.recv() => (Signal::SIGQUIT, true),
-            };
-            if !(from_terminal_kind && in_terminal_foreground()) {
+            let signal = self.next_any().await;
+            let terminal_kind = signal != Signal::SIGTERM;
+            if !(terminal_kind && in_terminal_foreground()) {
                 return signal;
             }
         }

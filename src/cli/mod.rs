@@ -8,13 +8,15 @@ pub mod exit;
 mod lock_command;
 mod tables;
 
+use std::borrow::Cow;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use serde_json::Value;
 
-use crate::client::{Client, ClientError, DEFAULT_URL};
+use crate::auth::Secret;
+use crate::client::{redact_url, Client, ClientError, DEFAULT_URL};
 use crate::config::{parse_duration, Config};
 use exit::Failure;
 pub use lock_command::LockArgs;
@@ -32,11 +34,30 @@ pub struct Cli {
     pub serve: Config,
 }
 
-/// The commands.
+/// The commands: the server, and the clients.
 #[derive(Subcommand, Debug)]
 pub enum CliCommand {
     /// Run the server (what `locksmith` does without a command).
     Serve(Config),
+    /// A client command.
+    #[command(flatten)]
+    Client(ClientCommand),
+}
+
+/// The command line of a client command alone: `locksmith get ...` is parsed with this, not with
+/// [`Cli`], so the server's flags and environment variables (`LOCKSMITH_LOCK_TIMEOUT`, ...) are
+/// never read for it, and a value the server would refuse cannot stop a client.
+#[derive(Parser, Debug)]
+#[command(name = "locksmith", version, about)]
+pub struct ClientCli {
+    /// The client command.
+    #[command(subcommand)]
+    pub command: ClientCommand,
+}
+
+/// The client commands: each connects to a running server.
+#[derive(Subcommand, Debug)]
+pub enum ClientCommand {
     /// Run a command while holding locks: `locksmith lock KEY... -- CMD [ARGS...]`.
     Lock(LockArgs),
     /// Print the values of keys (reads under shared locks, as the `read` command does).
@@ -56,15 +77,31 @@ pub enum CliCommand {
     Kill(KillArgs),
 }
 
-/// Where the server is and how to authenticate; every client command takes these.
-#[derive(Args, Debug, Clone)]
+/// Where the server is and how to authenticate; every client command takes these. Its `Debug`
+/// shows neither the token nor a `?token=` on the URL.
+#[derive(Args, Clone)]
 pub struct ServerOptions {
     /// The server's WebSocket URL.
-    #[arg(long = "server", env = "LOCKSMITH_URL", default_value = DEFAULT_URL)]
+    #[arg(
+        long = "server",
+        env = "LOCKSMITH_URL",
+        default_value = DEFAULT_URL,
+        // It may carry `?token=`: `--help` must not print the variable's value.
+        hide_env_values = true
+    )]
     pub url: String,
     /// The token the server requires (`--token` there), or its admin token for `kill`.
     #[arg(long, env = "LOCKSMITH_TOKEN", hide_env_values = true)]
-    pub token: Option<String>,
+    pub token: Option<Secret>,
+}
+
+impl std::fmt::Debug for ServerOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerOptions")
+            .field("url", &redact_url(&self.url))
+            .field("token", &self.token)
+            .finish()
+    }
 }
 
 impl ServerOptions {
@@ -75,7 +112,7 @@ impl ServerOptions {
     pub async fn connect(&self, name: Option<&str>) -> Result<Client, ClientError> {
         let mut builder = Client::builder(&self.url);
         if let Some(token) = &self.token {
-            builder = builder.token(token);
+            builder = builder.secret_token(token.clone());
         }
         if let Some(name) = name {
             builder = builder.name(name);
@@ -179,17 +216,16 @@ pub struct KillArgs {
 }
 
 /// Runs a client command; the exit code.
-pub async fn run(command: CliCommand) -> ExitCode {
+pub async fn run(command: ClientCommand) -> ExitCode {
     let result = match command {
-        CliCommand::Serve(_) => Ok(0),
-        CliCommand::Lock(args) => lock_command::run(args).await,
-        CliCommand::Get(args) => get(args).await,
-        CliCommand::Set(args) => set(args).await,
-        CliCommand::Del(args) => del(args).await,
-        CliCommand::Keys(args) => keys(args).await,
-        CliCommand::Locks(args) => locks(args).await,
-        CliCommand::Sessions(args) => sessions(args).await,
-        CliCommand::Kill(args) => kill(args).await,
+        ClientCommand::Lock(args) => lock_command::run(args).await,
+        ClientCommand::Get(args) => get(args).await,
+        ClientCommand::Set(args) => set(args).await,
+        ClientCommand::Del(args) => del(args).await,
+        ClientCommand::Keys(args) => keys(args).await,
+        ClientCommand::Locks(args) => locks(args).await,
+        ClientCommand::Sessions(args) => sessions(args).await,
+        ClientCommand::Kill(args) => kill(args).await,
     };
     match result {
         Ok(status) => ExitCode::from(status),
@@ -206,14 +242,45 @@ async fn get(args: GetArgs) -> Result<u8, Failure> {
     client.close().await;
     if args.json {
         println!("{}", Value::Object(values.into_iter().collect()));
-    } else if let [key] = args.keys.as_slice() {
-        println!("{}", plain(values.get(key).unwrap_or(&Value::Null)));
     } else {
-        for key in &args.keys {
-            println!("{key}\t{}", plain(values.get(key).unwrap_or(&Value::Null)));
-        }
+        print!("{}", values_text(&args.keys, &values));
     }
     Ok(0)
+}
+
+/// `get`'s plain output: the value alone for one key, else one `key<TAB>value` line per key. Key
+/// names are escaped ([`escape_controls`]); values are printed as stored (a string as its text,
+/// control characters included: `get` is how a script reads a value back).
+fn values_text(keys: &[String], values: &crate::client::Values) -> String {
+    let value = |key: &String| plain(values.get(key).unwrap_or(&Value::Null));
+    match keys {
+        [key] => format!("{}\n", value(key)),
+        keys => keys
+            .iter()
+            .map(|key| format!("{}\t{}\n", escape_controls(key), value(key)))
+            .collect(),
+    }
+}
+
+/// Text from the server (a key, a name) made safe for a terminal: every control character
+/// (`char::is_control`: ESC, CR, BEL, the C1 controls, ...) as its Rust escape (`\u{1b}`, `\r`),
+/// so that no client can put escape sequences into another user's terminal through a key or a
+/// name. Everything else is left as it is.
+pub(crate) fn escape_controls(text: &str) -> Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return Cow::Borrowed(text);
+    }
+    Cow::Owned(
+        text.chars()
+            .map(|c| {
+                if c.is_control() {
+                    c.escape_default().to_string()
+                } else {
+                    c.to_string()
+                }
+            })
+            .collect(),
+    )
 }
 
 /// A value for a terminal: a string as its text, anything else as JSON.
@@ -267,7 +334,7 @@ async fn keys(args: KeysArgs) -> Result<u8, Failure> {
             all.extend(page.keys);
         } else {
             for key in &page.keys {
-                println!("{key}");
+                println!("{}", escape_controls(key));
             }
         }
         match page.next {
@@ -340,39 +407,44 @@ async fn show(text: &str, watch: Option<Duration>) -> bool {
 async fn kill(args: KillArgs) -> Result<u8, Failure> {
     let client = args.server.connect(Some(CLI_NAME)).await?;
     let sessions = client.sessions().await?;
-    let target = resolve_session(&args.session, &sessions)?;
+    let target = resolve_session(&args.session, &sessions, client.session_id())?;
     client.kill(&target).await?;
     client.close().await;
     println!("killed {target}");
     Ok(0)
 }
 
-/// The full id of the one session `given` names: an exact id, a unique id prefix, or a unique
-/// name.
+/// The full id of the one session `given` names, among the sessions other than the CLI's own
+/// (`own`): an exact id wins; otherwise the sessions whose id starts with `given` and those named
+/// `given` together must be exactly one. A name that is also a prefix of another session's id
+/// ("db", "cafe") is ambiguous rather than read as either.
 fn resolve_session(
     given: &str,
     sessions: &[crate::client::SessionView],
+    own: &str,
 ) -> Result<String, Failure> {
-    let by_id: Vec<&str> = sessions
-        .iter()
-        .filter(|s| s.session.starts_with(given))
-        .map(|s| s.session.as_str())
+    let others = || sessions.iter().filter(|s| s.session != own);
+    if let Some(exact) = others().find(|s| s.session == given) {
+        return Ok(exact.session.clone());
+    }
+    let matches: Vec<&crate::client::SessionView> = others()
+        .filter(|s| s.session.starts_with(given) || s.name.as_deref() == Some(given))
         .collect();
-    let by_name: Vec<&str> = sessions
-        .iter()
-        .filter(|s| s.name.as_deref() == Some(given))
-        .map(|s| s.session.as_str())
-        .collect();
-    let matches = if by_id.is_empty() { by_name } else { by_id };
     match matches.as_slice() {
-        [one] => Ok((*one).to_owned()),
+        [one] => Ok(one.session.clone()),
         [] => Err(Failure::from(ClientError::NotFound(format!(
             "no open session has the id, id prefix or name {given:?}"
         )))),
         many => Err(Failure::usage(format!(
-            "{given:?} names {} sessions ({}); give more of the id",
+            "{given:?} names {} sessions by id prefix or name ({}); give more of the id",
             many.len(),
-            many.join(", ")
+            many.iter()
+                .map(|s| match &s.name {
+                    Some(name) => format!("{} ({})", s.session, escape_controls(name)),
+                    None => s.session.clone(),
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
         ))),
     }
 }
@@ -391,30 +463,104 @@ mod tests {
     }
 
     #[test]
+    fn plain_output_escapes_control_characters_in_key_names_but_prints_values_as_stored() {
+        assert_eq!(escape_controls("job/a"), "job/a");
+        assert_eq!(
+            escape_controls("evil\u{1b}]0;owned\u{7}\r\n\u{9b}2J\tü"),
+            "evil\\u{1b}]0;owned\\u{7}\\r\\n\\u{9b}2J\\tü"
+        );
+        let keys = vec!["a\u{1b}[2J".to_owned(), "b".to_owned()];
+        let values: crate::client::Values = [
+            ("a\u{1b}[2J".to_owned(), Value::String("x\u{1b}[1m".into())),
+            ("b".to_owned(), serde_json::json!(1)),
+        ]
+        .into_iter()
+        .collect();
+        assert_eq!(
+            values_text(&keys, &values),
+            "a\\u{1b}[2J\tx\u{1b}[1m\nb\t1\n",
+            "the key escaped, the string value as stored"
+        );
+        assert_eq!(values_text(&keys[..1], &values), "x\u{1b}[1m\n");
+    }
+
+    /// The CLI's own session in the tests' lists.
+    const OWN: &str = "cafe0000-0";
+
+    #[test]
     fn kill_accepts_an_id_a_unique_prefix_or_a_unique_name() {
         let sessions = [
             session("5f2e1c3a-1", Some("backup")),
             session("5f2e9999-2", Some("report")),
             session("0b6b0f0e-3", Some("report")),
         ];
-        assert_eq!(
-            resolve_session("5f2e1c3a-1", &sessions).ok(),
-            Some("5f2e1c3a-1".into())
-        );
-        assert_eq!(
-            resolve_session("0b6b", &sessions).ok(),
-            Some("0b6b0f0e-3".into())
-        );
-        assert_eq!(
-            resolve_session("backup", &sessions).ok(),
-            Some("5f2e1c3a-1".into())
-        );
-        let ambiguous = resolve_session("5f2e", &sessions).expect_err("two ids start so");
+        let resolve = |given| resolve_session(given, &sessions, OWN);
+        assert_eq!(resolve("5f2e1c3a-1").ok(), Some("5f2e1c3a-1".into()));
+        assert_eq!(resolve("0b6b").ok(), Some("0b6b0f0e-3".into()));
+        assert_eq!(resolve("backup").ok(), Some("5f2e1c3a-1".into()));
+        let ambiguous = resolve("5f2e").expect_err("two ids start so");
         assert_eq!(ambiguous.status, exit::BAD_USAGE);
-        let two_names = resolve_session("report", &sessions).expect_err("two sessions so named");
+        let two_names = resolve("report").expect_err("two sessions so named");
         assert_eq!(two_names.status, exit::BAD_USAGE);
-        let none = resolve_session("nobody", &sessions).expect_err("no such session");
+        let none = resolve("nobody").expect_err("no such session");
         assert_eq!(none.code, "not_found");
+    }
+
+    #[test]
+    fn kill_calls_a_name_that_also_prefixes_another_sessions_id_ambiguous_but_an_exact_id_wins() {
+        // "db" is a session's name and the start of another's id: it used to pick the id.
+        let sessions = [
+            session("db12aaaa-1", None),
+            session("0b6b0f0e-2", Some("db")),
+            session("0b6b0f0e-3", Some("0b6b0f0e-2")),
+        ];
+        let resolve = |given| resolve_session(given, &sessions, OWN);
+        let ambiguous = resolve("db").expect_err("a name and an id prefix");
+        assert_eq!(ambiguous.status, exit::BAD_USAGE);
+        assert!(
+            ambiguous.message.contains("db12aaaa-1")
+                && ambiguous.message.contains("0b6b0f0e-2 (db)"),
+            "lists both: {}",
+            ambiguous.message
+        );
+        // An exact id beats a session that has that text as its name.
+        assert_eq!(resolve("0b6b0f0e-2").ok(), Some("0b6b0f0e-2".into()));
+        // A name and an id prefix of the same session are one match.
+        let one = [session("cafe1234-1", Some("cafe"))];
+        assert_eq!(
+            resolve_session("cafe", &one, OWN).ok(),
+            Some("cafe1234-1".into())
+        );
+    }
+
+    #[test]
+    fn kill_never_picks_the_clis_own_session() {
+        let sessions = [
+            session(OWN, Some("locksmith-cli")),
+            session("cafe1234-1", Some("job")),
+        ];
+        let resolve = |given| resolve_session(given, &sessions, OWN);
+        assert_eq!(
+            resolve("cafe").ok(),
+            Some("cafe1234-1".into()),
+            "the own id prefix is no rival"
+        );
+        assert_eq!(resolve(OWN).expect_err("its own id").code, "not_found");
+        assert_eq!(
+            resolve("locksmith-cli").expect_err("its own name").code,
+            "not_found"
+        );
+    }
+
+    #[test]
+    fn server_options_debug_shows_neither_the_token_nor_one_on_the_url() {
+        let options = ServerOptions {
+            url: "ws://127.0.0.1:1/ws?token=SUPERSECRET".into(),
+            token: Some("ALSOSECRET".parse().expect("a token")),
+        };
+        let shown = format!("{options:?}");
+        assert!(!shown.contains("SUPERSECRET"), "{shown}");
+        assert!(!shown.contains("ALSOSECRET"), "{shown}");
     }
 
     #[test]
@@ -427,8 +573,35 @@ mod tests {
     }
 
     #[test]
+    fn the_help_lists_every_command_and_each_client_command_parses_without_the_server() {
+        use clap::CommandFactory;
+        let help = Cli::command().render_help().to_string();
+        let client = ClientCli::command();
+        let client_commands: Vec<&str> = client.get_subcommands().map(|c| c.get_name()).collect();
+        assert_eq!(
+            client_commands,
+            ["lock", "get", "set", "del", "keys", "locks", "sessions", "kill"]
+        );
+        for name in std::iter::once("serve").chain(client_commands.iter().copied()) {
+            assert!(
+                help.contains(&format!("  {name} ")),
+                "{name} missing: {help}"
+            );
+        }
+        for name in &client_commands {
+            assert!(ClientCommand::has_subcommand(name), "{name}");
+        }
+        assert!(!ClientCommand::has_subcommand("serve"));
+        // A client command line is not a server one: no server flag is accepted with it.
+        assert!(ClientCli::try_parse_from(["locksmith", "get", "k"]).is_ok());
+        assert!(
+            ClientCli::try_parse_from(["locksmith", "get", "--lock-timeout", "5s", "k"]).is_err()
+        );
+    }
+
+    #[test]
     fn lock_takes_keys_then_the_command_after_a_double_dash() {
-        let cli = Cli::try_parse_from([
+        let cli = ClientCli::try_parse_from([
             "locksmith",
             "lock",
             "--read",
@@ -441,13 +614,13 @@ mod tests {
             "--x",
         ])
         .expect("lock parses");
-        let Some(CliCommand::Lock(args)) = cli.command else {
+        let ClientCommand::Lock(args) = cli.command else {
             panic!("not lock");
         };
         assert!(args.read);
         assert_eq!(args.keys, ["a", "b"]);
         assert_eq!(args.command, ["echo", "--x"]);
         assert_eq!(args.timeout, Some(Duration::from_secs(10)));
-        assert!(Cli::try_parse_from(["locksmith", "lock", "a"]).is_err());
+        assert!(ClientCli::try_parse_from(["locksmith", "lock", "a"]).is_err());
     }
 }

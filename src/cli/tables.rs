@@ -1,10 +1,12 @@
 //! Readable tables of the lock table and the sessions, for `locksmith locks` and
-//! `locksmith sessions`. Pure functions of what the server answered.
+//! `locksmith sessions`. Pure functions of what the server answered. Keys and names come from
+//! other clients, so every control character in them is escaped.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::time::Duration;
 
+use super::escape_controls;
 use crate::client::{LockTableView, SessionView};
 
 /// How many characters of a session id identify it in a table (`kill` accepts such a prefix).
@@ -119,9 +121,10 @@ fn describe_session(session: &str, name: Option<&str>, peer: Option<&str>) -> St
     }
 }
 
+/// `name (5f2e1c3a)`, or `5f2e1c3a`, for a waits-for line (the name escaped: it is no table cell).
 fn short_who(session: &str, name: Option<&str>) -> String {
     match name {
-        Some(name) => format!("{name} ({})", short(session)),
+        Some(name) => format!("{} ({})", escape_controls(name), short(session)),
         None => short(session).to_owned(),
     }
 }
@@ -149,8 +152,17 @@ fn row<const N: usize>(cells: [&str; N]) -> Vec<String> {
     cells.iter().map(|c| (*c).to_owned()).collect()
 }
 
-/// Left-aligned columns, two spaces apart, no trailing spaces.
+/// Left-aligned columns, two spaces apart, no trailing spaces. Every cell is escaped
+/// ([`escape_controls`]) first: keys and names come from other clients.
 fn align(rows: &[Vec<String>]) -> String {
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|row| {
+            row.iter()
+                .map(|cell| escape_controls(cell).into_owned())
+                .collect()
+        })
+        .collect();
     let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
     let widths: Vec<usize> = (0..columns)
         .map(|c| {
@@ -162,7 +174,7 @@ fn align(rows: &[Vec<String>]) -> String {
         })
         .collect();
     let mut out = String::new();
-    for row in rows {
+    for row in &rows {
         let mut line = String::new();
         for (c, cell) in row.iter().enumerate() {
             if c + 1 == row.len() {
@@ -252,6 +264,61 @@ mod tests {
             "SESSION   NAME    PEER            CONNECTED  HELD  WAITING FOR\n\
              5f2e1c3a  backup  127.0.0.1:5000  1m02s      1     -\n"
         );
+    }
+
+    #[test]
+    fn control_characters_in_keys_and_names_are_escaped_in_every_table_cell() {
+        let a = "5f2e1c3a-0000-0000-0000-000000000000";
+        let b = "0b6b0f0e-0000-0000-0000-000000000000";
+        let view = LockTableView {
+            locks: vec![KeyView {
+                key: "k\u{1b}[2J".into(),
+                holders: vec![HolderView {
+                    session: a.into(),
+                    name: Some("n\u{1b}]0;x\u{7}".into()),
+                    mode: "write".into(),
+                    token: 7,
+                    held_ms: Some(10),
+                }],
+                waiters: vec![WaiterView {
+                    session: b.into(),
+                    name: Some("w\r".into()),
+                    mode: "read".into(),
+                    upgrade: false,
+                    waiting_ms: 10,
+                }],
+            }],
+            waits_for: vec![WaitsForEdge {
+                waiter: b.into(),
+                waits_for: a.into(),
+            }],
+            sessions: 2,
+        };
+        let mut waiting = session(b, Some("w\r"), "[::1]:6000");
+        waiting.waiting_for = Some("k\u{1b}[2J".into());
+        let sessions = [
+            session(a, Some("n\u{1b}]0;x\u{7}"), "127.0.0.1:5000"),
+            waiting,
+        ];
+        for table in [locks_table(&view, &sessions), sessions_table(&sessions)] {
+            assert!(
+                !table.chars().any(|c| c.is_control() && c != '\n'),
+                "{table:?}"
+            );
+        }
+        let locks = locks_table(&view, &sessions);
+        assert!(locks.contains("k\\u{1b}[2J  held"), "{locks}");
+        assert!(
+            locks.contains("n\\u{1b}]0;x\\u{7} (127.0.0.1:5000"),
+            "{locks}"
+        );
+        assert!(
+            locks.contains("w\\r (0b6b0f0e) -> n\\u{1b}]0;x\\u{7} (5f2e1c3a)"),
+            "{locks}"
+        );
+        let table = sessions_table(&sessions);
+        assert!(table.contains("w\\r"), "{table}");
+        assert!(table.trim_end().ends_with("k\\u{1b}[2J"), "{table}");
     }
 
     #[test]

@@ -84,6 +84,7 @@ pub use answers::{
 };
 pub use error::{ClientError, CycleMember};
 
+use crate::auth::Secret;
 use crate::lock::LockMode;
 use driver::{Ending, Order};
 
@@ -97,13 +98,14 @@ pub const DEFAULT_KEEPALIVE: Duration = Duration::from_secs(5);
 /// Read buffer of a client's socket (tungstenite's default is 128 KiB per connection).
 const READ_BUFFER_BYTES: usize = 4 * 1024;
 
-/// How to connect: the URL plus the optional token, session name and keepalive.
-#[derive(Clone, Debug)]
+/// How to connect: the URL plus the optional token, session name and keepalive. Its `Debug`
+/// shows neither the token nor a `?token=` on the URL.
+#[derive(Clone)]
 pub struct ClientBuilder {
-    /// `ws://host:port/ws`.
+    /// `ws://host:port/ws`. It may carry `?token=`, so messages show [`redact_url`]'s version.
     url: String,
     /// Sent as `Authorization: Bearer <token>` when the server requires one.
-    token: Option<String>,
+    token: Option<Secret>,
     /// The session's name, shown in `locks`, `sessions` and deadlock cycles.
     name: Option<String>,
     /// Ping interval of a quiet connection (`None`: never ping; a dead server is then noticed
@@ -111,10 +113,26 @@ pub struct ClientBuilder {
     keepalive: Option<Duration>,
 }
 
+impl std::fmt::Debug for ClientBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientBuilder")
+            .field("url", &redact_url(&self.url))
+            .field("token", &self.token)
+            .field("name", &self.name)
+            .field("keepalive", &self.keepalive)
+            .finish()
+    }
+}
+
 impl ClientBuilder {
     /// The token the server requires (`--token`), or the admin token for admin commands.
-    pub fn token(mut self, token: impl Into<String>) -> Self {
-        self.token = Some(token.into());
+    pub fn token(self, token: impl Into<String>) -> Self {
+        self.secret_token(Secret::client_token(token.into()))
+    }
+
+    /// [`token`](Self::token), for a token already kept as a [`Secret`].
+    pub(crate) fn secret_token(mut self, token: Secret) -> Self {
+        self.token = Some(token);
         self
     }
 
@@ -138,7 +156,7 @@ impl ClientBuilder {
     /// [`ClientError::ServerBusy`] if the server is at its connection limit.
     pub async fn connect(self) -> Result<Client, ClientError> {
         let connect_error = |reason: String| ClientError::Connect {
-            url: self.url.clone(),
+            url: redact_url(&self.url),
             reason,
         };
         let mut request = self
@@ -147,7 +165,7 @@ impl ClientBuilder {
             .into_client_request()
             .map_err(|e| connect_error(e.to_string()))?;
         if let Some(token) = &self.token {
-            let value = HeaderValue::from_str(&format!("Bearer {token}"))
+            let value = HeaderValue::from_str(&format!("Bearer {}", token.reveal()))
                 .map_err(|_| connect_error("the token is not a valid header value".into()))?;
             request.headers_mut().insert("authorization", value);
         }
@@ -275,7 +293,10 @@ impl Client {
     /// Bound the wait with `timeout`, not by dropping the future: a call whose future is dropped
     /// is still carried out by the server (it may be granted later, and the locks are then held
     /// until `unlock` or the end of the connection). To give up a wait from elsewhere, call
-    /// [`cancel`](Self::cancel).
+    /// [`cancel`](Self::cancel) — but it withdraws this call only if the call is already waiting
+    /// for a lock when the cancel reaches the server. A call still queued behind another call of
+    /// this client (pipelined from another task) is not withdrawn: the cancel answers `false`
+    /// and the call runs later as usual. `timeout` has no such gap.
     ///
     /// # Errors
     /// `Deadlock`, `Timeout`, `Cancelled`, `BadRequest`, ... as the server answers.
@@ -398,6 +419,13 @@ impl Client {
     /// Withdraws this session's lock wait, if it has one (that call then fails with
     /// [`ClientError::Cancelled`]). Returns whether a wait was withdrawn.
     ///
+    /// The server decides when the cancel's frame arrives (it does not wait its turn): it
+    /// withdraws only the request that is waiting for a lock at that moment. A `lock`, `read`,
+    /// `write` or `delete` sent earlier but still queued behind another request of this session
+    /// has not started waiting, so it is not withdrawn — the cancel answers `false` and that
+    /// call runs later as usual; nor is a request past its lock wait (a write waiting for its
+    /// commit). To bound a wait whatever is ahead of it, give the call a `timeout`.
+    ///
     /// # Errors
     /// [`ClientError::ConnectionLost`] and the like.
     pub async fn cancel(&self) -> Result<bool, ClientError> {
@@ -445,6 +473,55 @@ impl Client {
     }
 }
 
+/// `url` as it may be shown in a message: the value of every `token` query parameter (the name
+/// percent-decoded, as the server reads it) replaced by `<hidden>`; the rest as given.
+pub fn redact_url(url: &str) -> String {
+    let (before_fragment, fragment) = url.split_at(url.find('#').unwrap_or(url.len()));
+    let Some((base, query)) = before_fragment.split_once('?') else {
+        return url.to_owned();
+    };
+    let query: Vec<String> = query
+        .split('&')
+        .map(|pair| {
+            let name = pair.split_once('=').map_or(pair, |(name, _)| name);
+            if percent_decoded(name) == b"token" {
+                format!("{name}=<hidden>")
+            } else {
+                pair.to_owned()
+            }
+        })
+        .collect();
+    format!("{base}?{}{fragment}", query.join("&"))
+}
+
+/// A query-string component decoded as a server decodes it: `+` is a space, `%XX` a byte.
+fn percent_decoded(text: &str) -> Vec<u8> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let escaped = bytes
+            .get(i + 1..i + 3)
+            .filter(|_| bytes[i] == b'%')
+            .and_then(|hex| u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok());
+        match (escaped, bytes[i]) {
+            (Some(byte), _) => {
+                out.push(byte);
+                i += 3;
+            }
+            (None, b'+') => {
+                out.push(b' ');
+                i += 1;
+            }
+            (None, byte) => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    out
+}
+
 fn key_list(keys: &[impl AsRef<str>]) -> Vec<&str> {
     keys.iter().map(AsRef::as_ref).collect()
 }
@@ -460,6 +537,38 @@ pub fn mode_name(mode: LockMode) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_token_on_the_url_is_hidden_in_messages_and_nothing_else_is() {
+        assert_eq!(
+            redact_url("ws://h:1/ws?name=job&token=SUPERSECRET&x=1"),
+            "ws://h:1/ws?name=job&token=<hidden>&x=1"
+        );
+        assert_eq!(
+            redact_url("ws://h/ws?token=a&token=b#frag"),
+            "ws://h/ws?token=<hidden>&token=<hidden>#frag"
+        );
+        // The server decodes the parameter's name, so `tok%65n` is a token too.
+        assert_eq!(
+            redact_url("ws://h/ws?tok%65n=SUPERSECRET"),
+            "ws://h/ws?tok%65n=<hidden>"
+        );
+        assert_eq!(redact_url("ws://h/ws?token"), "ws://h/ws?token=<hidden>");
+        assert_eq!(
+            redact_url("ws://h/ws?tokens=1&name=token"),
+            "ws://h/ws?tokens=1&name=token"
+        );
+        assert_eq!(redact_url("ws://h/ws"), "ws://h/ws");
+    }
+
+    #[test]
+    fn a_builders_debug_shows_neither_its_token_nor_one_on_its_url() {
+        let builder = Client::builder("ws://127.0.0.1:1/ws?token=SUPERSECRET").token("ALSOSECRET");
+        let shown = format!("{builder:?}");
+        assert!(!shown.contains("SUPERSECRET"), "{shown}");
+        assert!(!shown.contains("ALSOSECRET"), "{shown}");
+        assert!(shown.contains("token=<hidden>"), "{shown}");
+    }
 
     #[test]
     fn modes_have_their_wire_names() {

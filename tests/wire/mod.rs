@@ -170,6 +170,15 @@ impl Server {
     }
 }
 
+/// Connects a client of the library (`locksmith::client::Client`, not this module's raw
+/// [`Client`]) to `url`, within [`BOUND`].
+pub async fn connect_client(url: &str) -> locksmith::client::Client {
+    tokio::time::timeout(BOUND, locksmith::client::Client::connect(url))
+        .await
+        .expect("connect in time")
+        .expect("connect")
+}
+
 /// Polls `condition` every few milliseconds until it holds; panics after [`BOUND`].
 pub async fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + BOUND;
