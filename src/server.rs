@@ -126,6 +126,10 @@ struct AppState {
     /// Keeps the lines about requests refused for their token to about one a second: a client
     /// sending request after request without the right token would otherwise write one each.
     refusal_log: Mutex<LogLimit>,
+    /// The same for upgrades refused for a foreign `Origin` (a header the client chooses).
+    origin_log: Mutex<LogLimit>,
+    /// The same for connections refused at `--max-connections`.
+    busy_log: Mutex<LogLimit>,
     shutdown: CancellationToken,
     /// Every connection task, so shutdown can wait for them.
     tracker: TaskTracker,
@@ -208,6 +212,8 @@ pub fn start(
             admin_token: settings.admin_token.clone(),
         },
         refusal_log: Mutex::new(LogLimit::new(REFUSAL_LOG_INTERVAL)),
+        origin_log: Mutex::new(LogLimit::new(REFUSAL_LOG_INTERVAL)),
+        busy_log: Mutex::new(LogLimit::new(REFUSAL_LOG_INTERVAL)),
         shutdown: shutdown.clone(),
         tracker: tracker.clone(),
     });
@@ -359,6 +365,18 @@ fn log_refusal(
     }
 }
 
+/// Runs `log` with the number of lines left out since the last one, unless `limit` says a line
+/// was written less than its interval ago.
+fn log_limited(limit: &Mutex<LogLimit>, log: impl FnOnce(u64)) {
+    let allowed = limit
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .allow(tokio::time::Instant::now());
+    if let Some(suppressed) = allowed {
+        log(suppressed);
+    }
+}
+
 async fn upgrade(
     State(state): State<Arc<AppState>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -386,7 +404,9 @@ async fn upgrade(
             .to_str()
             .is_ok_and(|o| state.allowed_origins.iter().any(|a| a == o));
         if !allowed {
-            tracing::warn!(%peer, ?origin, "refused a WebSocket upgrade from a foreign Origin");
+            log_limited(&state.origin_log, |suppressed| {
+                tracing::warn!(%peer, ?origin, suppressed, "refused a WebSocket upgrade from a foreign Origin");
+            });
             return (StatusCode::FORBIDDEN, "origin not allowed").into_response();
         }
     }
@@ -412,7 +432,9 @@ async fn upgrade(
                     .await
                 }
                 Err(_) => {
-                    tracing::warn!(%peer, "connection limit reached; refusing");
+                    log_limited(&state.busy_log, |suppressed| {
+                        tracing::warn!(%peer, suppressed, "connection limit reached; refusing");
+                    });
                     connection::refuse_busy(socket).await
                 }
             }
