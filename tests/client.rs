@@ -4,15 +4,33 @@
 
 mod wire;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use locksmith::client::{Client, ClientError};
+use locksmith::client::{Client, ClientError, Grant};
 use locksmith::lock::LockMode::{Exclusive, Shared};
 use locksmith::server::ServerSettings;
 use serde_json::json;
+use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::Message;
 use wire::{connect_client, settings, start, BOUND};
+
+/// A client waiting for `key`, held by another: (holder, waiter, the waiter's pending `lock`).
+async fn queued_behind_a_holder(
+    server: &wire::Server,
+    key: &'static str,
+) -> (Client, Arc<Client>, JoinHandle<Result<Grant, ClientError>>) {
+    let holder = connect_client(&server.url()).await;
+    let waiter = Arc::new(connect_client(&server.url()).await);
+    holder.lock(&[key], Exclusive, None).await.expect("lock");
+    let waiting = {
+        let waiter = waiter.clone();
+        tokio::spawn(async move { waiter.lock(&[key], Exclusive, None).await })
+    };
+    server.wait_queued(waiter.session_id(), key).await;
+    (holder, waiter, waiting)
+}
 
 #[tokio::test]
 async fn calls_pipelined_from_many_tasks_on_one_client_each_get_their_own_answer() {
@@ -112,14 +130,7 @@ async fn a_deadlock_error_names_the_cycle_starting_with_the_refused_session() {
 #[tokio::test]
 async fn a_waiting_call_is_answered_shutting_down_when_the_server_stops_then_lost_resolves() {
     let server = start(settings()).await;
-    let holder = connect_client(&server.url()).await;
-    let waiter = std::sync::Arc::new(connect_client(&server.url()).await);
-    holder.lock(&["k"], Exclusive, None).await.expect("lock");
-    let waiting = {
-        let waiter = waiter.clone();
-        tokio::spawn(async move { waiter.lock(&["k"], Exclusive, None).await })
-    };
-    server.wait_queued(waiter.session_id(), "k").await;
+    let (_holder, waiter, waiting) = queued_behind_a_holder(&server, "k").await;
     server.stop().await;
     let answer = tokio::time::timeout(BOUND, waiting)
         .await
@@ -335,14 +346,7 @@ async fn delete_and_keys_page_through_what_is_stored() {
 #[tokio::test]
 async fn cancel_withdraws_this_clients_wait_which_fails_cancelled() {
     let server = start(settings()).await;
-    let holder = connect_client(&server.url()).await;
-    let waiter = std::sync::Arc::new(connect_client(&server.url()).await);
-    holder.lock(&["k"], Exclusive, None).await.expect("lock");
-    let waiting = {
-        let waiter = waiter.clone();
-        tokio::spawn(async move { waiter.lock(&["k"], Exclusive, None).await })
-    };
-    server.wait_queued(waiter.session_id(), "k").await;
+    let (_holder, waiter, waiting) = queued_behind_a_holder(&server, "k").await;
     assert!(
         waiter.cancel().await.expect("cancel"),
         "a wait was withdrawn"
@@ -374,14 +378,7 @@ async fn a_killed_client_sees_its_wait_answered_killed_and_its_connection_lost()
     .await
     .expect("in time")
     .expect("connect");
-    let holder = connect_client(&server.url()).await;
-    let victim = std::sync::Arc::new(connect_client(&server.url()).await);
-    holder.lock(&["k"], Exclusive, None).await.expect("lock");
-    let waiting = {
-        let victim = victim.clone();
-        tokio::spawn(async move { victim.lock(&["k"], Exclusive, None).await })
-    };
-    server.wait_queued(victim.session_id(), "k").await;
+    let (holder, victim, waiting) = queued_behind_a_holder(&server, "k").await;
     let forbidden = holder
         .kill(victim.session_id())
         .await
