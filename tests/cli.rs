@@ -610,3 +610,34 @@ async fn kill_ends_a_session_named_by_id_prefix_or_name_and_needs_the_admin_toke
         .expect("closed");
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_reader_that_stops_early_ends_the_output_quietly() {
+    let server = start(settings()).await;
+    let writer = connect_client(&server.url()).await;
+    for batch in 0..8 {
+        let entries: Vec<(String, serde_json::Value)> = (0..1000)
+            .map(|n| {
+                (
+                    format!("a-rather-long-key-name/{batch}/{n:04}"),
+                    serde_json::json!(n),
+                )
+            })
+            .collect();
+        writer.write(&entries, false).await.expect("write");
+    }
+    // About 270 KB of keys: far more than a pipe holds, so the reader's early close is felt.
+    let mut keys = cli(&server.url(), &["keys"]).spawn().expect("spawn");
+    let mut out = stdout_lines(&mut keys);
+    assert!(next_line(&mut out)
+        .await
+        .starts_with("a-rather-long-key-name/0/"));
+    drop(out);
+    assert_eq!(exit_code(&mut keys).await, 0);
+    let mut stderr = String::new();
+    tokio::io::AsyncReadExt::read_to_string(&mut keys.stderr.take().expect("stderr"), &mut stderr)
+        .await
+        .expect("read stderr");
+    assert_eq!(stderr, "", "no panic, no message");
+    server.stop().await;
+}

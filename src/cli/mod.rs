@@ -241,9 +241,12 @@ async fn get(args: GetArgs) -> Result<u8, Failure> {
     let values = client.read(&args.keys, false).await?;
     client.close().await;
     if args.json {
-        println!("{}", Value::Object(values.into_iter().collect()));
+        emit(&format!(
+            "{}\n",
+            Value::Object(values.into_iter().collect())
+        ));
     } else {
-        print!("{}", values_text(&args.keys, &values));
+        emit(&values_text(&args.keys, &values));
     }
     Ok(0)
 }
@@ -305,9 +308,12 @@ async fn set(args: SetArgs) -> Result<u8, Failure> {
     let grant = client.write(&[(&args.key, value)], false).await?;
     client.close().await;
     if args.json {
-        println!("{}", serde_json::json!({"tokens": grant.tokens}));
+        emit(&format!(
+            "{}\n",
+            serde_json::json!({"tokens": grant.tokens})
+        ));
     } else {
-        println!("OK");
+        emit("OK\n");
     }
     Ok(0)
 }
@@ -317,9 +323,12 @@ async fn del(args: DelArgs) -> Result<u8, Failure> {
     let deleted = client.delete(&args.keys, false).await?;
     client.close().await;
     if args.json {
-        println!("{}", serde_json::to_string(&deleted).unwrap_or_default());
+        emit(&format!(
+            "{}\n",
+            serde_json::to_string(&deleted).unwrap_or_default()
+        ));
     } else {
-        println!("{}", deleted.deleted);
+        emit(&format!("{}\n", deleted.deleted));
     }
     Ok(0)
 }
@@ -334,7 +343,7 @@ async fn keys(args: KeysArgs) -> Result<u8, Failure> {
             all.extend(page.keys);
         } else {
             for key in &page.keys {
-                println!("{}", escape_controls(key));
+                emit(&format!("{}\n", escape_controls(key)));
             }
         }
         match page.next {
@@ -344,7 +353,7 @@ async fn keys(args: KeysArgs) -> Result<u8, Failure> {
     }
     client.close().await;
     if args.json {
-        println!("{}", Value::from(all));
+        emit(&format!("{}\n", Value::from(all)));
     }
     Ok(0)
 }
@@ -388,16 +397,30 @@ async fn sessions(args: SessionsArgs) -> Result<u8, Failure> {
     Ok(0)
 }
 
+/// Writes `text` to stdout. A reader that went away (`locksmith keys | head`) ends the command
+/// quietly with status 0, as it ends `cat`; any other failure to write ends it with status 1.
+fn emit(text: &str) {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    if let Err(error) = out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        if error.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("locksmith: output: cannot write to stdout: {error}");
+        std::process::exit(1);
+    }
+}
+
 /// Prints `text`; with `--watch`, clears the screen first and waits for the next round.
 /// Whether there is a next round.
 async fn show(text: &str, watch: Option<Duration>) -> bool {
     match watch {
         None => {
-            print!("{text}");
+            emit(text);
             false
         }
         Some(interval) => {
-            print!("\x1b[2J\x1b[H{text}");
+            emit(&format!("\x1b[2J\x1b[H{text}"));
             tokio::time::sleep(interval).await;
             true
         }
@@ -410,7 +433,7 @@ async fn kill(args: KillArgs) -> Result<u8, Failure> {
     let target = resolve_session(&args.session, &sessions, client.session_id())?;
     client.kill(&target).await?;
     client.close().await;
-    println!("killed {target}");
+    emit(&format!("killed {target}\n"));
     Ok(0)
 }
 
