@@ -70,6 +70,25 @@ struct SessionState {
     request: Option<Request>,
 }
 
+/// How much the table holds: what a burst must give back when it is over. Every count is zero
+/// for a table with no open session.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Footprint {
+    /// Keys held or waited for, and their index entries.
+    pub keys: usize,
+    /// Entries of the key index (always `keys`).
+    pub key_index: usize,
+    /// Open sessions, and their index entries.
+    pub sessions: usize,
+    /// Entries of the session index (always `sessions`).
+    pub session_index: usize,
+    /// Queue entries over all keys.
+    pub waiters: usize,
+    /// Keys still to re-examine, sessions still to continue, requests concluded but not yet
+    /// reported: work a call left behind (none, between calls).
+    pub pending: usize,
+}
+
 /// The lock table. See the module documentation.
 pub struct LockTable {
     /// Where each held or awaited key is in `keys`.
@@ -445,6 +464,18 @@ impl LockTable {
     /// The number of open sessions.
     pub fn session_count(&self) -> usize {
         self.sessions.len()
+    }
+
+    /// What the table holds right now (see [`Footprint`]).
+    pub fn footprint(&self) -> Footprint {
+        Footprint {
+            keys: self.keys.len(),
+            key_index: self.key_index.len(),
+            sessions: self.sessions.len(),
+            session_index: self.session_index.len(),
+            waiters: self.waiters.len(),
+            pending: self.dirty.len() + self.ready.len() + self.effects.concluded.len(),
+        }
     }
 
     /// A consistent picture of every held or awaited key and of the waits-for edges of rule 5.

@@ -444,3 +444,56 @@ fn a_prefix_snapshot_lists_only_the_keys_that_start_with_it() {
     assert_eq!(names, vec!["job/a", "job/b"]);
     assert_eq!(table.keys_snapshot_with_prefix("").len(), 4);
 }
+
+#[test]
+fn a_burst_of_a_thousand_waiters_on_one_key_repeated_three_times_leaves_nothing_behind() {
+    // The story: with stored edges, each repetition of the same burst cost more CPU and left the
+    // process bigger. Three bursts of 1000 exclusive waiters on one key, each handed the key in
+    // turn and then closed, some of them timing out or closing while they wait.
+    let mut table = LockTable::new(16);
+    let start = Instant::now();
+    for burst in 0..3u128 {
+        let ids: Vec<SessionId> = (0..1000)
+            .map(|n| SessionId::from_u128(burst * 1000 + n))
+            .collect();
+        for &id in &ids {
+            table.open_session(id).expect("fresh ids");
+        }
+        granted(&mut table, ids[0], &["hot"], X);
+        for &id in &ids[1..] {
+            waits(&mut table, id, &["hot"], X);
+        }
+        // Every tenth waiter times out, every tenth (offset) closes while it waits.
+        for &id in ids[1..].iter().step_by(10) {
+            let (answer, _) = table.expire(id, at(start, 1));
+            assert!(
+                matches!(answer, Err(LockError::Timeout { .. })),
+                "{id} was waiting: {answer:?}"
+            );
+        }
+        for &id in ids[2..].iter().step_by(10) {
+            table.close_session(id, at(start, 2));
+        }
+        // Hand the key down the queue until nobody waits.
+        let mut holder = ids[0];
+        loop {
+            let (released, effects) = table.release(holder, &keys(&["hot"]), at(start, 3));
+            released.expect("the holder holds it");
+            table.close_session(holder, at(start, 3));
+            let Some(&next) = effects.concluded.first() else {
+                break;
+            };
+            assert!(table.take_outcome(next).expect("concluded").is_ok());
+            holder = next;
+        }
+        for &id in &ids {
+            table.close_session(id, at(start, 4));
+        }
+        assert_eq!(
+            table.footprint(),
+            Footprint::default(),
+            "after burst {burst}"
+        );
+        assert!(table.snapshot().is_empty());
+    }
+}
