@@ -229,8 +229,11 @@ impl Owed<'_> {
 
 /// The last words of a connection ended by the server: answers, then a close frame.
 struct Farewell {
+    /// Every answer still owed, in request order.
     answers: Vec<String>,
+    /// The close code (1001 shutdown, 1008 kill).
     code: u16,
+    /// The close frame's reason, for the client's logs.
     reason: &'static str,
 }
 
