@@ -58,6 +58,13 @@ pub struct Config {
     #[arg(long, env = "LOCKSMITH_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
     pub idle_timeout: Duration,
 
+    /// On SIGTERM or SIGINT, how long connections get to take their last answers
+    /// (`shutting_down`) and close; those still open after it are closed without waiting for
+    /// the client, and the process exits. Keep it below the stop grace of whatever stops the
+    /// server (Docker: 10 s, Kubernetes: 30 s).
+    #[arg(long, env = "LOCKSMITH_SHUTDOWN_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub shutdown_timeout: Duration,
+
     /// A browser `Origin` allowed to connect (repeatable). Upgrades that carry any other Origin
     /// are refused with 403; clients that send no Origin are accepted.
     #[arg(
@@ -353,6 +360,7 @@ mod tests {
         assert!(config.listen.is_empty());
         assert_eq!(config.idle_timeout, Duration::from_secs(60));
         assert_eq!(config.lock_timeout, Duration::from_secs(30));
+        assert_eq!(config.shutdown_timeout, Duration::from_secs(5));
         assert_eq!(config.data_dir, PathBuf::from("./data"));
         assert!(!config.in_memory);
     }

@@ -45,7 +45,13 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(config)) {
+    let result = runtime.block_on(run(config));
+    // Dropping the runtime drops every task still there (connections cut at the shutdown
+    // timeout, HTTP connections abandoned) and with them the last handles on the store: a
+    // durable store's writer thread finishes its queued jobs and the database is closed before
+    // the process exits.
+    drop(runtime);
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!("{error}");

@@ -15,11 +15,14 @@
 //!
 //! Shutdown: cancelling the token stops the listeners; every connection task sees it, answers
 //! `shutting_down` and closes its socket; [`RunningServer::shutdown`] returns once every
-//! connection task has finished. axum's own graceful shutdown does not wait for upgraded
-//! WebSockets, hence the `TaskTracker`.
+//! connection task has finished, or, at the latest, after the shutdown timeout: the connections
+//! still open then (a client that stopped reading while the server was sending it answers) are
+//! cut, that is closed without waiting for the client. axum's own graceful shutdown does not
+//! wait for upgraded WebSockets, hence the `TaskTracker`.
 
 use std::io;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -58,6 +61,12 @@ const READ_BUFFER_BYTES: usize = 4 * 1024;
 /// one of them, however long a client takes to send its request.
 pub const HTTP_SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
+/// How long [`RunningServer::shutdown`] waits, once it has cut the connections left at the
+/// shutdown timeout, for their tasks to drop them. Dropping a connection takes microseconds
+/// (its socket is closed, its session's locks released); this only bounds a task that is not
+/// polled in time.
+const CUT_GRACE: Duration = Duration::from_secs(1);
+
 /// What the server needs to know, independent of how it was configured.
 #[derive(Clone, Debug)]
 pub struct ServerSettings {
@@ -71,6 +80,9 @@ pub struct ServerSettings {
     pub max_keys_per_request: usize,
     /// Silence after which a connection is closed (`None`: never).
     pub idle_timeout: Option<Duration>,
+    /// How long [`RunningServer::shutdown`] waits for connections to finish before it closes
+    /// the remaining ones without waiting for their clients.
+    pub shutdown_timeout: Duration,
     /// `Origin` values allowed to connect.
     pub allowed_origins: Vec<String>,
     /// Every fencing token handed out is larger than this. The binary passes its start time in
@@ -90,6 +102,7 @@ impl Default for ServerSettings {
             max_message_bytes: 1024 * 1024,
             max_keys_per_request: 1024,
             idle_timeout: Some(Duration::from_secs(60)),
+            shutdown_timeout: Duration::from_secs(5),
             allowed_origins: Vec::new(),
             token_floor: 0,
             token: None,
@@ -106,6 +119,7 @@ impl From<&Config> for ServerSettings {
             max_message_bytes: config.max_message_bytes,
             max_keys_per_request: config.max_keys_per_request,
             idle_timeout: (!config.idle_timeout.is_zero()).then_some(config.idle_timeout),
+            shutdown_timeout: config.shutdown_timeout,
             allowed_origins: config.allowed_origins.clone(),
             token_floor: 0,
             token: config.token.clone(),
@@ -131,6 +145,11 @@ struct AppState {
     /// The same for connections refused at `--max-connections`.
     busy_log: Mutex<LogLimit>,
     shutdown: CancellationToken,
+    /// Cancelled at the shutdown timeout: every connection task still running drops its
+    /// connection at once.
+    cut: CancellationToken,
+    /// Connections dropped because of `cut`.
+    cut_count: Arc<AtomicUsize>,
     /// Every connection task, so shutdown can wait for them.
     tracker: TaskTracker,
 }
@@ -142,6 +161,9 @@ pub struct RunningServer {
     /// The directory of open sessions, for diagnostics and tests.
     registry: Registry,
     shutdown: CancellationToken,
+    shutdown_timeout: Duration,
+    cut: CancellationToken,
+    cut_count: Arc<AtomicUsize>,
     tracker: TaskTracker,
     listeners: JoinSet<io::Result<()>>,
 }
@@ -188,6 +210,8 @@ pub fn start(
     });
     locks.raise_token_floor(settings.token_floor);
     let shutdown = CancellationToken::new();
+    let cut = CancellationToken::new();
+    let cut_count = Arc::new(AtomicUsize::new(0));
     let tracker = TaskTracker::new();
     let registry = Registry::new();
     let state = Arc::new(AppState {
@@ -215,6 +239,8 @@ pub fn start(
         origin_log: Mutex::new(LogLimit::new(REFUSAL_LOG_INTERVAL)),
         busy_log: Mutex::new(LogLimit::new(REFUSAL_LOG_INTERVAL)),
         shutdown: shutdown.clone(),
+        cut: cut.clone(),
+        cut_count: cut_count.clone(),
         tracker: tracker.clone(),
     });
     // Routes added before the layer need the token; `/healthz`, added after, does not.
@@ -253,6 +279,9 @@ pub fn start(
         locks,
         registry,
         shutdown,
+        shutdown_timeout: settings.shutdown_timeout,
+        cut,
+        cut_count,
         tracker,
         listeners: tasks,
     })
@@ -280,12 +309,19 @@ impl RunningServer {
     }
 
     /// Shuts down: stops accepting, answers waiting requests `shutting_down`, closes every
-    /// connection, and returns once all of them have finished.
+    /// connection, and returns once all of them have finished, or once the shutdown timeout
+    /// ([`ServerSettings::shutdown_timeout`]) has passed. The connections still open then are
+    /// cut: dropped without waiting for their clients (a client that stopped reading would
+    /// otherwise hold the shutdown up for a whole idle timeout), which releases their sessions.
+    /// A write being committed for one of them still lands in the store or is never
+    /// acknowledged. Returns how many connections were cut (and logs it at `warn`).
     ///
-    /// HTTP connections that are not WebSockets (yet) get [`HTTP_SHUTDOWN_GRACE`] to finish;
-    /// after that they are abandoned, so a client that sent half a request and stalled cannot
-    /// hold the shutdown up.
-    pub async fn shutdown(mut self) {
+    /// HTTP connections that are not WebSockets (yet) get [`HTTP_SHUTDOWN_GRACE`] (at most the
+    /// shutdown timeout) to finish; after that they are abandoned, so a client that sent half a
+    /// request and stalled cannot hold the shutdown up.
+    pub async fn shutdown(mut self) -> usize {
+        let timeout = self.shutdown_timeout;
+        let deadline = tokio::time::Instant::now() + timeout;
         self.shutdown.cancel();
         let listeners = async {
             while let Some(result) = self.listeners.join_next().await {
@@ -296,17 +332,42 @@ impl RunningServer {
                 }
             }
         };
-        if tokio::time::timeout(HTTP_SHUTDOWN_GRACE, listeners)
-            .await
-            .is_err()
-        {
+        let http_grace = HTTP_SHUTDOWN_GRACE.min(timeout);
+        if tokio::time::timeout(http_grace, listeners).await.is_err() {
             tracing::warn!(
-                "HTTP connections still unfinished after {HTTP_SHUTDOWN_GRACE:?}; abandoning them"
+                "HTTP connections still unfinished after {http_grace:?}; abandoning them"
             );
             self.listeners.abort_all();
         }
         self.tracker.close();
-        self.tracker.wait().await;
+        if tokio::time::timeout_at(deadline, self.tracker.wait())
+            .await
+            .is_ok()
+        {
+            return 0;
+        }
+        self.cut.cancel();
+        if tokio::time::timeout(CUT_GRACE, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                left = self.tracker.len(),
+                "shutdown: connection tasks still running {CUT_GRACE:?} after they were cut"
+            );
+        }
+        let cut = self.cut_count.load(Ordering::Relaxed);
+        let noun = if cut == 1 {
+            "connection"
+        } else {
+            "connections"
+        };
+        tracing::warn!(
+            cut,
+            "shutdown: {cut} {noun} cut after {timeout:?}: their clients did not take their \
+             last answers in time"
+        );
+        cut
     }
 }
 
@@ -420,22 +481,36 @@ async fn upgrade(
         .write_buffer_size(0)
         .on_upgrade(move |socket| async move {
             let _task = task;
-            match permit {
-                Ok(_permit) => {
-                    connection::serve(
-                        socket,
-                        client,
-                        state.context.clone(),
-                        state.connection,
-                        state.shutdown.clone(),
-                    )
-                    .await
+            let cut = state.cut.clone();
+            let connection = async {
+                match permit {
+                    Ok(_permit) => {
+                        connection::serve(
+                            socket,
+                            client,
+                            state.context.clone(),
+                            state.connection,
+                            state.shutdown.clone(),
+                        )
+                        .await
+                    }
+                    Err(_) => {
+                        log_limited(&state.busy_log, |suppressed| {
+                            tracing::warn!(%peer, suppressed, "connection limit reached; refusing");
+                        });
+                        connection::refuse_busy(socket).await
+                    }
                 }
-                Err(_) => {
-                    log_limited(&state.busy_log, |suppressed| {
-                        tracing::warn!(%peer, suppressed, "connection limit reached; refusing");
-                    });
-                    connection::refuse_busy(socket).await
+            };
+            // At the shutdown timeout the connection is dropped where it stands: its socket is
+            // closed and its session released (a write already handed to the store still
+            // completes there; its answer is never sent).
+            tokio::select! {
+                biased;
+                () = connection => {}
+                () = cut.cancelled() => {
+                    state.cut_count.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(%peer, "connection cut at the shutdown timeout");
                 }
             }
         })

@@ -8,7 +8,7 @@ use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Longest the binary may take to start, to answer, or to exit.
 pub const PATIENCE: Duration = Duration::from_secs(20);
@@ -78,6 +78,19 @@ pub struct ServerProcess {
     pub addr: SocketAddr,
     /// Its log lines up to and including the one that says where it listens.
     pub log: Vec<String>,
+    /// Its later log lines, as it writes them; disconnected once it has exited.
+    later: mpsc::Receiver<String>,
+}
+
+/// How a server process ended after [`ServerProcess::terminate`].
+#[derive(Debug)]
+pub struct Terminated {
+    /// Its exit status.
+    pub status: ExitStatus,
+    /// From the signal to its end of output (its exit).
+    pub took: Duration,
+    /// Every log line it wrote after the start-up lines.
+    pub log: Vec<String>,
 }
 
 impl ServerProcess {
@@ -116,7 +129,40 @@ impl ServerProcess {
                 break addr.parse().expect("a socket address");
             }
         };
-        ServerProcess { child, addr, log }
+        ServerProcess {
+            child,
+            addr,
+            log,
+            later: received,
+        }
+    }
+
+    /// Sends it SIGTERM and waits, at most `within`, until it exits. Fails the test (and kills
+    /// it) if it does not exit in time.
+    pub fn terminate(mut self, within: Duration) -> Terminated {
+        let pid = i32::try_from(self.child.id()).expect("a pid");
+        let sent = Instant::now();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .expect("send SIGTERM");
+        let deadline = sent + within;
+        let mut log = Vec::new();
+        // Its stdout ends when it exits.
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.later.recv_timeout(left) {
+                Ok(line) => log.push(line),
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    panic!("the server did not exit within {within:?} of SIGTERM: {log:#?}")
+                }
+            }
+        }
+        let took = sent.elapsed();
+        let status = self.child.wait().expect("exit status");
+        Terminated { status, took, log }
     }
 
     /// Its WebSocket URL.

@@ -138,11 +138,11 @@ impl Server {
         client
     }
 
-    /// Shuts the server down, within [`BOUND`].
-    pub async fn stop(self) {
+    /// Shuts the server down, within [`BOUND`]; returns how many connections it had to cut.
+    pub async fn stop(self) -> usize {
         tokio::time::timeout(BOUND, self.running.shutdown())
             .await
-            .expect("the server shuts down in time");
+            .expect("the server shuts down in time")
     }
 
     /// Waits until `condition` holds for the lock table (polled every few milliseconds, at most
