@@ -10,6 +10,8 @@ use std::time::Duration;
 use clap::builder::BoolishValueParser;
 use clap::{ArgAction, Parser};
 
+use crate::lock::DEFAULT_MAX_KEYS_PER_SESSION;
+
 /// The port served when no `--listen` is given.
 pub const DEFAULT_PORT: u16 = 8008;
 
@@ -52,6 +54,11 @@ pub struct Config {
     /// Most keys one request may name (`too_many_keys` above it).
     #[arg(long, env = "LOCKSMITH_MAX_KEYS_PER_REQUEST", default_value_t = 1024)]
     pub max_keys_per_request: usize,
+
+    /// Most keys one session may hold at once; a request that would take it over is answered
+    /// `too_many_locks` and takes nothing.
+    #[arg(long, env = "LOCKSMITH_MAX_LOCKS_PER_SESSION", default_value_t = DEFAULT_MAX_KEYS_PER_SESSION)]
+    pub max_locks_per_session: usize,
 
     /// A connection from which nothing (not even a pong to the server's pings) arrives for this
     /// long is closed and its locks released. `0s` disables the keepalive.
@@ -363,6 +370,10 @@ mod tests {
         assert_eq!(config.shutdown_timeout, Duration::from_secs(5));
         assert_eq!(config.data_dir, PathBuf::from("./data"));
         assert!(!config.in_memory);
+        assert_eq!(config.max_locks_per_session, 100_000);
+        let config = Config::try_parse_from(["locksmith", "--max-locks-per-session", "3"])
+            .expect("a limit parses");
+        assert_eq!(config.max_locks_per_session, 3);
     }
 
     #[test]

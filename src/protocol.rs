@@ -580,7 +580,8 @@ fn session_object(info: &SessionInfo) -> Value {
 }
 
 /// Encodes an error answer: `success: false`, a human `error`, the stable `code`, and the
-/// details some codes carry (`cycle` for `deadlock`, `keys` for `not_held`, `key` for `timeout`).
+/// details some codes carry (`cycle` for `deadlock`, `keys` for `not_held`, `key` for `timeout`,
+/// `held`, `requested` and `limit` for `too_many_locks`).
 pub fn encode_error(id: Option<&Value>, error: &ServiceError) -> String {
     let mut object = Map::new();
     object.insert("success".into(), Value::Bool(false));
@@ -608,6 +609,15 @@ pub fn encode_error(id: Option<&Value>, error: &ServiceError) -> String {
         }
         ServiceError::Lock(LockError::Timeout { key }) => {
             object.insert("key".into(), Value::String(key.to_string()));
+        }
+        ServiceError::Lock(LockError::TooManyLocks {
+            held,
+            requested,
+            limit,
+        }) => {
+            object.insert("held".into(), json!(held));
+            object.insert("requested".into(), json!(requested));
+            object.insert("limit".into(), json!(limit));
         }
         _ => {}
     }
@@ -842,6 +852,14 @@ mod tests {
             (ServiceError::ServerBusy, "server_busy"),
             (ServiceError::ShuttingDown, "shutting_down"),
             (ServiceError::Lock(LockError::Cancelled), "cancelled"),
+            (
+                ServiceError::Lock(LockError::TooManyLocks {
+                    held: 3,
+                    requested: 1,
+                    limit: 3,
+                }),
+                "too_many_locks",
+            ),
             (
                 ServiceError::Lock(LockError::InvalidRequest { reason: "x".into() }),
                 "bad_request",

@@ -44,7 +44,7 @@ use tokio_util::task::TaskTracker;
 use crate::auth::{self, Access, Secret, Tokens, Unauthorized};
 use crate::config::Config;
 use crate::connection::{self, ConnectionSettings};
-use crate::lock::{LockManager, LockManagerConfig};
+use crate::lock::{LockManager, LockManagerConfig, DEFAULT_MAX_KEYS_PER_SESSION};
 use crate::log_limit::{LogLimit, DEADLOCK_LOG_INTERVAL, REFUSAL_LOG_INTERVAL};
 use crate::protocol::{self, Limits};
 use crate::registry::Registry;
@@ -78,6 +78,8 @@ pub struct ServerSettings {
     pub max_message_bytes: usize,
     /// Most keys per request.
     pub max_keys_per_request: usize,
+    /// Most keys one session may hold (`too_many_locks` above it).
+    pub max_locks_per_session: usize,
     /// Silence after which a connection is closed (`None`: never).
     pub idle_timeout: Option<Duration>,
     /// How long [`RunningServer::shutdown`] waits for connections to finish before it closes
@@ -101,6 +103,7 @@ impl Default for ServerSettings {
             max_connections: 10_000,
             max_message_bytes: 1024 * 1024,
             max_keys_per_request: 1024,
+            max_locks_per_session: DEFAULT_MAX_KEYS_PER_SESSION,
             idle_timeout: Some(Duration::from_secs(60)),
             shutdown_timeout: Duration::from_secs(5),
             allowed_origins: Vec::new(),
@@ -118,6 +121,7 @@ impl From<&Config> for ServerSettings {
             max_connections: config.max_connections,
             max_message_bytes: config.max_message_bytes,
             max_keys_per_request: config.max_keys_per_request,
+            max_locks_per_session: config.max_locks_per_session,
             idle_timeout: (!config.idle_timeout.is_zero()).then_some(config.idle_timeout),
             shutdown_timeout: config.shutdown_timeout,
             allowed_origins: config.allowed_origins.clone(),
@@ -207,6 +211,7 @@ pub fn start(
 ) -> io::Result<RunningServer> {
     let locks = LockManager::new(LockManagerConfig {
         max_keys_per_request: settings.max_keys_per_request,
+        max_keys_per_session: settings.max_locks_per_session,
     });
     locks.raise_token_floor(settings.token_floor);
     let shutdown = CancellationToken::new();

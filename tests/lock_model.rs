@@ -1725,6 +1725,7 @@ fn run_on_manager(sessions: usize, ops: &[Op]) -> Coverage {
     let _context = runtime.enter();
     let manager = LockManager::new(LockManagerConfig {
         max_keys_per_request: 8,
+        ..LockManagerConfig::default()
     });
     let sessions: Vec<Session> = (0..sessions).map(|_| manager.open_session()).collect();
     Harness::new(ManagerSystem::new(&manager, &sessions), sessions.len()).run(ops)

@@ -1212,6 +1212,7 @@ async fn release_all_cancels_a_grant_not_yet_collected() {
 async fn empty_and_oversized_requests_are_invalid() {
     let m = LockManager::new(LockManagerConfig {
         max_keys_per_request: 3,
+        ..LockManagerConfig::default()
     });
     let a = m.open_session();
     assert_eq!(

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use locksmith::lock::LockMode;
+use locksmith::server::ServerSettings;
 use locksmith::store::{KeysPage, Store, StoreError};
 use serde_json::{json, Value};
 use wire::{holders, settings, start, wire_holders, Client, BOUND};
@@ -737,4 +738,46 @@ async fn a_failing_store_answers_storage_error_and_gives_the_locks_back() {
     tokio::time::timeout(BOUND, running.shutdown())
         .await
         .expect("shutdown in time");
+}
+
+#[tokio::test]
+async fn a_lock_over_max_locks_per_session_answers_too_many_locks_and_takes_nothing() {
+    let server = start(ServerSettings {
+        max_locks_per_session: 3,
+        ..settings()
+    })
+    .await;
+    let mut client = server.connect().await;
+    client.lock(&["k1", "k2"], "write").await;
+    client.lock(&["k3"], "read").await;
+    let answer = client
+        .fails(
+            json!({"command": "lock", "keys": ["k3", "k4"], "id": 4}),
+            "too_many_locks",
+        )
+        .await;
+    assert_eq!(answer["limit"], json!(3), "{answer}");
+    assert_eq!(answer["held"], json!(3), "{answer}");
+    assert_eq!(answer["requested"], json!(1), "{answer}");
+    assert_eq!(answer["id"], json!(4), "{answer}");
+    let snapshot = server.snapshot();
+    let mine = |key: &str| holders(&snapshot, key);
+    assert_eq!(
+        mine("k1"),
+        vec![(client.session.clone(), LockMode::Exclusive)]
+    );
+    assert_eq!(
+        mine("k2"),
+        vec![(client.session.clone(), LockMode::Exclusive)]
+    );
+    assert_eq!(mine("k3"), vec![(client.session.clone(), LockMode::Shared)]);
+    assert_eq!(snapshot.keys.len(), 3, "k4 was not taken: {snapshot:?}");
+    // A read of a fourth key is refused the same way; keys already held may be read.
+    client
+        .fails(json!({"command": "read", "keys": ["k4"]}), "too_many_locks")
+        .await;
+    client
+        .ok(json!({"command": "read", "keys": ["k1", "k3"]}))
+        .await;
+    server.stop().await;
 }

@@ -91,6 +91,15 @@ pub enum ClientError {
     /// `too_many_keys`: the request named more keys than the server allows.
     #[error("{0}")]
     TooManyKeys(String),
+    /// `too_many_locks`: granting the request would have made this session hold more keys than
+    /// the server allows (`--max-locks-per-session`); nothing was taken.
+    #[error("{message}")]
+    TooManyLocks {
+        /// The server's sentence.
+        message: String,
+        /// Most keys one session may hold.
+        limit: usize,
+    },
     /// `server_busy`: the server is at its connection limit.
     #[error("{0}")]
     ServerBusy(String),
@@ -133,6 +142,7 @@ impl ClientError {
             ClientError::UnknownCommand(_) => "unknown_command",
             ClientError::TooLarge(_) => "too_large",
             ClientError::TooManyKeys(_) => "too_many_keys",
+            ClientError::TooManyLocks { .. } => "too_many_locks",
             ClientError::ServerBusy(_) => "server_busy",
             ClientError::ShuttingDown(_) => "shutting_down",
             ClientError::Storage(_) => "storage_error",
@@ -166,6 +176,10 @@ impl ClientError {
             "unknown_command" => ClientError::UnknownCommand(message),
             "too_large" => ClientError::TooLarge(message),
             "too_many_keys" => ClientError::TooManyKeys(message),
+            "too_many_locks" => ClientError::TooManyLocks {
+                limit: answer["limit"].as_u64().unwrap_or(0) as usize,
+                message,
+            },
             "server_busy" => ClientError::ServerBusy(message),
             "shutting_down" => ClientError::ShuttingDown(message),
             "storage_error" => ClientError::Storage(message),
@@ -197,6 +211,7 @@ mod tests {
             "unknown_command",
             "too_large",
             "too_many_keys",
+            "too_many_locks",
             "server_busy",
             "shutting_down",
             "storage_error",
@@ -209,6 +224,18 @@ mod tests {
             assert_eq!(error.code(), code);
             assert_eq!(error.to_string(), "it failed");
         }
+    }
+
+    #[test]
+    fn a_too_many_locks_error_carries_the_limit() {
+        let error = ClientError::from_answer(&json!({
+            "success": false, "code": "too_many_locks", "error": "too many locks: ...",
+            "held": 3, "requested": 1, "limit": 3
+        }));
+        assert!(
+            matches!(error, ClientError::TooManyLocks { limit: 3, .. }),
+            "{error:?}"
+        );
     }
 
     #[test]

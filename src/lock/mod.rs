@@ -16,4 +16,4 @@ pub use locksmith_lock::{
     Acquired, CycleMember, Effects, FencingToken, Grant, HolderSnapshot, Key, KeySnapshot,
     LockError, LockMode, LockTable, Now, SessionId, Snapshot, Taken, WaiterSnapshot,
 };
-pub use manager::{LockManager, LockManagerConfig, Session};
+pub use manager::{LockManager, LockManagerConfig, Session, DEFAULT_MAX_KEYS_PER_SESSION};

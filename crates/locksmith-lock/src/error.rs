@@ -46,6 +46,20 @@ pub enum LockError {
     /// wait ([`crate::LockTable::withdraw_wait`], the server's `cancel`).
     #[error("request cancelled: withdrawn by its session while it waited")]
     Cancelled,
+    /// Granting the request would make the session hold more than `limit` keys: it holds `held`
+    /// and the request names `requested` keys it does not hold yet. Checked before anything is
+    /// taken, so nothing changed.
+    #[error(
+        "too many locks: the session holds {held} keys and asks for {requested} more, the limit is {limit}"
+    )]
+    TooManyLocks {
+        /// Keys the session holds.
+        held: usize,
+        /// Keys of the request the session does not hold yet.
+        requested: usize,
+        /// Most keys one session may hold.
+        limit: usize,
+    },
     /// The request itself is malformed or not allowed now (no keys, too many keys, another request
     /// of the same session still in progress).
     #[error("invalid request: {reason}")]
@@ -64,6 +78,7 @@ impl LockError {
             LockError::NotHeld { .. } => "not_held",
             LockError::SessionClosed => "session_closed",
             LockError::Cancelled => "cancelled",
+            LockError::TooManyLocks { .. } => "too_many_locks",
             LockError::InvalidRequest { .. } => "invalid_request",
         }
     }
@@ -99,6 +114,14 @@ mod tests {
             (LockError::NotHeld { keys: vec![] }, "not_held"),
             (LockError::SessionClosed, "session_closed"),
             (LockError::Cancelled, "cancelled"),
+            (
+                LockError::TooManyLocks {
+                    held: 3,
+                    requested: 1,
+                    limit: 3,
+                },
+                "too_many_locks",
+            ),
             (LockError::invalid("x"), "invalid_request"),
         ];
         for (error, code) in cases {

@@ -107,6 +107,8 @@ pub struct LockTable {
     last_token: u64,
     /// Largest number of distinct keys one request may name.
     max_keys_per_request: usize,
+    /// Largest number of keys one session may hold (`usize::MAX` unless set).
+    max_keys_per_session: usize,
     /// The effects of the current call.
     effects: Effects,
     /// Keys whose holders or queue changed and that must be re-examined, in the order they
@@ -145,7 +147,9 @@ impl WaitGraph for View<'_> {
 }
 
 impl LockTable {
-    /// An empty table that accepts requests of up to `max_keys_per_request` distinct keys.
+    /// An empty table that accepts requests of up to `max_keys_per_request` distinct keys, and
+    /// no limit on how many keys a session holds (see
+    /// [`LockTable::with_max_keys_per_session`]).
     pub fn new(max_keys_per_request: usize) -> Self {
         LockTable {
             key_index: FastMap::default(),
@@ -156,11 +160,19 @@ impl LockTable {
             search: CycleSearch::default(),
             last_token: 0,
             max_keys_per_request,
+            max_keys_per_session: usize::MAX,
             effects: Effects::default(),
             dirty: VecDeque::new(),
             ready: VecDeque::new(),
             held_scratch: Vec::new(),
         }
+    }
+
+    /// The same table, refusing with `TooManyLocks` any request that would make one session hold
+    /// more than `limit` keys.
+    pub fn with_max_keys_per_session(mut self, limit: usize) -> Self {
+        self.max_keys_per_session = limit;
+        self
     }
 
     /// Makes every later fencing token larger than `floor` (no effect if tokens already are).
@@ -218,7 +230,9 @@ impl LockTable {
     ///
     /// # Errors
     /// `SessionClosed` if the session is not open; `InvalidRequest` for no keys, too many keys, or
-    /// another request of this session in flight; `Deadlock` if waiting would close a cycle;
+    /// another request of this session in flight; `TooManyLocks` if the keys the session holds
+    /// plus the request's keys it does not hold yet would exceed the per-session limit (checked
+    /// before anything is taken); `Deadlock` if waiting would close a cycle;
     /// `Timeout` for a try-lock that would wait. On error the session holds exactly what it held
     /// before.
     pub fn acquire(
@@ -580,6 +594,8 @@ impl LockTable {
                 "another request of this session is still in progress",
             ));
         }
+        self.check_session_limit(slot, &sorted)?;
+        let state = &mut self.sessions[slot];
         state.request = Some(Request::new(sorted, mode));
         let outcome = self.advance(slot, now, may_wait);
         if matches!(outcome, Ok(false)) {
@@ -680,6 +696,31 @@ impl LockTable {
         // The requester is the victim: out of the queue (its rollback does the rest).
         self.leave_queue(slot);
         Err(LockError::Deadlock { cycle })
+    }
+
+    /// Would granting `keys` (sorted, deduplicated) make session `slot` hold more than
+    /// `max_keys_per_session` keys? Keys it already holds, in any mode, do not count again. The
+    /// whole request is counted up front, and while it is in flight the session takes nothing
+    /// else (one request per session), so its continuations cannot go over the limit either.
+    /// Costs one comparison unless the session is near the limit; then O(keys).
+    fn check_session_limit(&self, slot: SessionSlot, keys: &[Key]) -> Result<(), LockError> {
+        let held = &self.sessions[slot].held;
+        let limit = self.max_keys_per_session;
+        if held.len().saturating_add(keys.len()) <= limit {
+            return Ok(());
+        }
+        let requested = keys
+            .iter()
+            .filter(|key| self.key_index.get(*key).is_none_or(|k| !held.contains(k)))
+            .count();
+        if held.len() + requested <= limit {
+            return Ok(());
+        }
+        Err(LockError::TooManyLocks {
+            held: held.len(),
+            requested,
+            limit,
+        })
     }
 
     /// Could anybody be waiting for session `slot`? Only a waiter on a key it holds (behind it,

@@ -1,5 +1,6 @@
 //! Literal scenarios of the lock table: the order in which a call's effects happen, what a grant
-//! takes and gives back, and queues of thousands (handoff, leaving, the rule-6 trap, upgrades).
+//! takes and gives back, the per-session limit on held keys, and queues of thousands (handoff,
+//! leaving, the rule-6 trap, upgrades).
 
 use std::time::{Duration, Instant};
 
@@ -496,4 +497,122 @@ fn a_burst_of_a_thousand_waiters_on_one_key_repeated_three_times_leaves_nothing_
         );
         assert!(table.snapshot().is_empty());
     }
+}
+
+/// A table with `n` open sessions, ids 0..n, whose sessions may hold at most `limit` keys each.
+fn table_with_session_limit(n: usize, limit: usize) -> (LockTable, Vec<SessionId>) {
+    let (table, ids) = table_with(n);
+    (table.with_max_keys_per_session(limit), ids)
+}
+
+/// Acquires, expects `TooManyLocks`, and checks that nothing changed: every key's holders and
+/// queue, and the keys the session holds.
+fn refused_over_the_limit(
+    table: &mut LockTable,
+    id: SessionId,
+    names: &[&str],
+    mode: LockMode,
+) -> LockError {
+    let before = (table.keys_snapshot(), table.held_keys(id));
+    let (acquired, effects) = table.acquire(id, &keys(names), mode, Instant::now(), true);
+    assert_eq!(effects, Effects::default());
+    let error = match acquired {
+        Err(error @ LockError::TooManyLocks { .. }) => error,
+        other => panic!("{id} expected too_many_locks for {names:?}, got {other:?}"),
+    };
+    assert_eq!(error.code(), "too_many_locks");
+    assert_eq!((table.keys_snapshot(), table.held_keys(id)), before);
+    error
+}
+
+#[test]
+fn a_session_may_hold_exactly_its_limit_and_one_key_more_is_refused_changing_nothing() {
+    // Limit 3.   A: X(k1, k2)   A: S(k3)   A holds 3: at the limit, granted.
+    // A: X(k4) -> too_many_locks (held 3, requested 1); A still holds k1, k2, k3.
+    let (mut table, ids) = table_with_session_limit(3, 3);
+    let (a, b) = (ids[0], ids[1]);
+    granted(&mut table, a, &["k1", "k2"], X);
+    granted(&mut table, a, &["k3"], S);
+    assert_eq!(table.held_keys(a), keys(&["k1", "k2", "k3"]));
+    // Another session queued on one of A's keys stays where it is.
+    waits(&mut table, b, &["k1"], X);
+    let error = refused_over_the_limit(&mut table, a, &["k4"], X);
+    assert_eq!(
+        error,
+        LockError::TooManyLocks {
+            held: 3,
+            requested: 1,
+            limit: 3
+        }
+    );
+    assert_eq!(queue_of(&table, "k1"), vec![(b, X)]);
+    assert_eq!(table.key_snapshot(&Key::from("k4")), None);
+    // The limit is per session: C may take keys of its own.
+    let c = ids[2];
+    granted(&mut table, c, &["k4", "k5", "k6"], X);
+}
+
+#[test]
+fn keys_already_held_in_any_mode_do_not_count_again() {
+    // Limit 3.   A: S(k1, k2, k3)
+    // A: S(k1, k2, k3) again, A: X(k1, k2, k3) (upgrades), A: S(k2): all granted, A holds 3.
+    // A: X(k3, k4) -> too_many_locks (held 3, requested 1: only k4 is new).
+    let (mut table, ids) = table_with_session_limit(1, 3);
+    let a = ids[0];
+    granted(&mut table, a, &["k1", "k2", "k3"], S);
+    granted(&mut table, a, &["k1", "k2", "k3"], S);
+    granted(&mut table, a, &["k3", "k2", "k1"], X);
+    granted(&mut table, a, &["k2"], S);
+    assert_eq!(table.held_keys(a), keys(&["k1", "k2", "k3"]));
+    let error = refused_over_the_limit(&mut table, a, &["k3", "k4"], X);
+    assert_eq!(
+        error,
+        LockError::TooManyLocks {
+            held: 3,
+            requested: 1,
+            limit: 3
+        }
+    );
+}
+
+#[test]
+fn a_multi_key_request_partly_over_the_limit_fails_whole() {
+    // Limit 3.   A: X(k2)   B: S(k3)   C: X(k2) waits behind A
+    // A: X(k1, k2, k3, k4): k2 is held, three are new, 1 + 3 > 3 -> too_many_locks; nothing is
+    // taken (k1 and k4 stay free, k3 stays B's alone), C still waits on k2.
+    let (mut table, ids) = table_with_session_limit(3, 3);
+    let (a, b, c) = (ids[0], ids[1], ids[2]);
+    granted(&mut table, a, &["k2"], X);
+    granted(&mut table, b, &["k3"], S);
+    waits(&mut table, c, &["k2"], X);
+    let error = refused_over_the_limit(&mut table, a, &["k1", "k2", "k3", "k4"], X);
+    assert_eq!(
+        error,
+        LockError::TooManyLocks {
+            held: 1,
+            requested: 3,
+            limit: 3
+        }
+    );
+    assert_eq!(table.held_keys(a), keys(&["k2"]));
+    assert_eq!(holders_of(&table, "k3"), vec![(b, S)]);
+    assert_eq!(queue_of(&table, "k2"), vec![(c, X)]);
+    // Within the limit the same session's request is taken as usual.
+    granted(&mut table, a, &["k1", "k2", "k4"], X);
+}
+
+#[test]
+fn a_request_checked_at_the_limit_up_front_may_wait_and_continue() {
+    // Limit 3.   B: X(k2)   A: X(k1, k2, k3) takes k1, waits on k2 (counted whole: 0 + 3 <= 3)
+    // B releases k2: A continues, is granted k2 and k3, and holds exactly its limit.
+    let (mut table, ids) = table_with_session_limit(2, 3);
+    let (a, b) = (ids[0], ids[1]);
+    granted(&mut table, b, &["k2"], X);
+    waits(&mut table, a, &["k1", "k2", "k3"], X);
+    let (released, effects) = table.release(b, &keys(&["k2"]), Instant::now());
+    assert_eq!(released, Ok(()));
+    assert_eq!(effects.concluded, vec![a]);
+    let grant = table.take_outcome(a).expect("concluded").expect("granted");
+    assert_eq!(grant.taken.acquired, keys(&["k1", "k2", "k3"]));
+    assert_eq!(table.held_keys(a), keys(&["k1", "k2", "k3"]));
 }
