@@ -32,6 +32,13 @@ pub const DEFAULT_KEYS_LIMIT: usize = 1000;
 /// Most keys one `keys` page may list.
 pub const MAX_KEYS_LIMIT: usize = 10_000;
 
+/// Keys a `locks` answer, and sessions a `sessions` answer, list when the request gives no
+/// `limit`: one answer stays small (about 200 KB) whatever the size of the table.
+pub const DEFAULT_LIST_LIMIT: usize = 1000;
+
+/// Most keys a `locks` answer, or sessions a `sessions` answer, may list.
+pub const MAX_LIST_LIMIT: usize = 100_000;
+
 /// The server's version, in the `hello` answer.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
@@ -73,14 +80,14 @@ pub enum Command {
     Delete { keys: Vec<Key>, hold_lock: bool },
     /// Liveness check.
     Ping,
-    /// The lock table snapshot, of the keys starting with `prefix` if one is given.
-    Locks { prefix: Option<String> },
+    /// The lock table snapshot: the first `limit` keys (in key order) starting with `prefix`.
+    Locks { prefix: String, limit: usize },
     /// This connection's session id.
     Session,
     /// Names the session (when `name` is given) and answers its id and the server's version.
     Hello { name: Option<String> },
-    /// Every open session.
-    Sessions,
+    /// The first `limit` open sessions, by id.
+    Sessions { limit: usize },
     /// A page of the keys that have a value: starting with `prefix`, after `after`, at most
     /// `limit`. Takes no locks.
     Keys {
@@ -240,6 +247,10 @@ pub enum Reply {
         sessions: usize,
         /// The names of the sessions that have one.
         names: HashMap<SessionId, String>,
+        /// Keys that matched but were not listed (over the `limit`).
+        more: usize,
+        /// Most waits-for edges to list (the request's `limit`).
+        limit: usize,
     },
     /// The answer to `hello`: the session id, its name if set, and the server's version.
     Hello {
@@ -248,8 +259,13 @@ pub enum Reply {
         /// Its name, if set.
         name: Option<String>,
     },
-    /// Every open session, sorted by id.
-    Sessions(Vec<SessionInfo>),
+    /// Open sessions, sorted by id.
+    Sessions {
+        /// The first ones, up to the request's `limit`.
+        sessions: Vec<SessionInfo>,
+        /// Open sessions not listed.
+        more: usize,
+    },
     /// Keys deleted, with the fencing tokens of the exclusive locks they were deleted under, and
     /// how many of them had a value.
     Deleted {
@@ -323,7 +339,8 @@ fn decode_object(object: &Map<String, Value>, limits: Limits) -> Result<Request,
         },
         "ping" => Command::Ping,
         "locks" => Command::Locks {
-            prefix: optional_string(object, "prefix")?,
+            prefix: optional_string(object, "prefix")?.unwrap_or_default(),
+            limit: limit(object, DEFAULT_LIST_LIMIT, MAX_LIST_LIMIT)?,
         },
         "session" => Command::Session,
         "hello" => Command::Hello {
@@ -331,7 +348,9 @@ fn decode_object(object: &Map<String, Value>, limits: Limits) -> Result<Request,
                 .map(|name| valid_name(&name).map(|()| name))
                 .transpose()?,
         },
-        "sessions" => Command::Sessions,
+        "sessions" => Command::Sessions {
+            limit: limit(object, DEFAULT_LIST_LIMIT, MAX_LIST_LIMIT)?,
+        },
         "keys" => Command::Keys {
             prefix: optional_string(object, "prefix")?.unwrap_or_default(),
             after: optional_string(object, "after")?,
@@ -421,14 +440,19 @@ fn optional_string(
 
 /// `limit` of `keys`: 1..=[`MAX_KEYS_LIMIT`], default [`DEFAULT_KEYS_LIMIT`].
 fn keys_limit(object: &Map<String, Value>) -> Result<usize, ServiceError> {
+    limit(object, DEFAULT_KEYS_LIMIT, MAX_KEYS_LIMIT)
+}
+
+/// `limit`: an integer from 1 to `max`, `default` when absent.
+fn limit(object: &Map<String, Value>, default: usize, max: usize) -> Result<usize, ServiceError> {
     let limit = match object.get("limit") {
-        None | Some(Value::Null) => return Ok(DEFAULT_KEYS_LIMIT),
+        None | Some(Value::Null) => return Ok(default),
         Some(value) => value.as_u64(),
     };
-    match limit {
-        Some(limit) if (1..=MAX_KEYS_LIMIT as u64).contains(&limit) => Ok(limit as usize),
+    match limit.and_then(|limit| usize::try_from(limit).ok()) {
+        Some(limit) if (1..=max).contains(&limit) => Ok(limit),
         _ => Err(ServiceError::bad(format!(
-            "`limit` must be an integer from 1 to {MAX_KEYS_LIMIT}"
+            "`limit` must be an integer from 1 to {max}"
         ))),
     }
 }
@@ -519,16 +543,24 @@ pub fn encode_reply(id: Option<&Value>, reply: &Reply) -> String {
             taken_at,
             sessions,
             names,
+            more,
+            limit,
         } => {
             object.insert("locks".into(), locks_array(snapshot, *taken_at, names));
+            object.insert("more".into(), json!(more));
             let edges: Vec<Value> = snapshot
                 .waits_for
                 .iter()
+                .take(*limit)
                 .map(|(waiter, holder)| {
                     json!({"waiter": waiter.to_string(), "waits_for": holder.to_string()})
                 })
                 .collect();
             object.insert("waits_for".into(), Value::Array(edges));
+            object.insert(
+                "waits_for_more".into(),
+                json!(snapshot.waits_for.len().saturating_sub(*limit)),
+            );
             object.insert("sessions".into(), json!(sessions));
         }
         Reply::Hello { session, name } => {
@@ -538,9 +570,10 @@ pub fn encode_reply(id: Option<&Value>, reply: &Reply) -> String {
             }
             object.insert("version".into(), Value::String(VERSION.into()));
         }
-        Reply::Sessions(sessions) => {
+        Reply::Sessions { sessions, more } => {
             let sessions = sessions.iter().map(session_object).collect();
             object.insert("sessions".into(), Value::Array(sessions));
+            object.insert("more".into(), json!(more));
         }
         Reply::Deleted { tokens, deleted } => {
             object.insert("tokens".into(), tokens_object(tokens));

@@ -127,16 +127,15 @@ impl ClientSession {
             } => self.write(keys, values, *hold_lock, deadline).await,
             Command::Delete { keys, hold_lock } => self.delete(keys, *hold_lock, deadline).await,
             Command::Ping => Ok(Reply::Done),
-            Command::Locks { prefix } => {
-                let snapshot = match prefix {
-                    Some(prefix) => self.context.locks.snapshot_with_prefix(prefix),
-                    None => self.context.locks.snapshot(),
-                };
+            Command::Locks { prefix, limit } => {
+                let (snapshot, more) = self.context.locks.snapshot_page(prefix, *limit);
                 Ok(Reply::Locks {
                     snapshot,
                     taken_at: tokio::time::Instant::now().into_std(),
                     sessions: self.context.locks.session_count(),
                     names: self.context.registry.names(),
+                    more,
+                    limit: *limit,
                 })
             }
             Command::Session => Ok(Reply::Session(self.id())),
@@ -149,7 +148,10 @@ impl ClientSession {
                     name: self.context.registry.name(self.id()),
                 })
             }
-            Command::Sessions => Ok(Reply::Sessions(self.sessions())),
+            Command::Sessions { limit } => {
+                let (sessions, more) = self.sessions(*limit);
+                Ok(Reply::Sessions { sessions, more })
+            }
             Command::Keys {
                 prefix,
                 after,
@@ -166,13 +168,16 @@ impl ClientSession {
         }
     }
 
-    /// Every open session with what it holds and waits for, sorted by id.
-    fn sessions(&self) -> Vec<SessionInfo> {
-        let listed = self.context.registry.list();
+    /// The first `limit` open sessions (by id) with what each holds and waits for, and how many
+    /// more are open.
+    fn sessions(&self, limit: usize) -> (Vec<SessionInfo>, usize) {
+        let mut listed = self.context.registry.list();
+        let more = listed.len().saturating_sub(limit);
+        listed.truncate(limit);
         let ids: Vec<SessionId> = listed.iter().map(|l| l.session).collect();
         let summaries = self.context.locks.session_summaries(&ids);
         let now = tokio::time::Instant::now();
-        listed
+        let sessions = listed
             .into_iter()
             .zip(summaries)
             // A session whose lock-manager session is gone is closing (killed): not listed.
@@ -191,7 +196,8 @@ impl ClientSession {
                     waiting_for,
                 })
             })
-            .collect()
+            .collect();
+        (sessions, more)
     }
 
     /// Kills session `target` (admin connections only). The target's connection is told; it

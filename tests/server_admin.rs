@@ -181,6 +181,69 @@ async fn locks_shows_how_long_each_key_is_held_and_the_names_of_holders_and_wait
 }
 
 #[tokio::test]
+async fn locks_and_sessions_list_at_most_their_limit_and_say_how_many_more() {
+    let server = start(settings()).await;
+    let mut holder = server.connect().await;
+    // 1500 keys in one session: over the default limit of 1000.
+    let keys: Vec<String> = (0..1500).map(|n| format!("k{n:04}")).collect();
+    for chunk in keys.chunks(750) {
+        holder.ok(json!({"command": "lock", "keys": chunk})).await;
+    }
+    let mut waiters = Vec::new();
+    for _ in 0..3 {
+        let mut waiter = server.connect().await;
+        waiter
+            .send(json!({"command": "lock", "keys": ["k0000"]}))
+            .await;
+        server.wait_queued(&waiter.session, "k0000").await;
+        waiters.push(waiter);
+    }
+    let mut querier = server.connect().await;
+
+    let all = querier.locks().await;
+    let listed = all["locks"].as_array().expect("locks");
+    assert_eq!(listed.len(), 1000, "the default limit");
+    assert_eq!(listed[0]["key"], json!("k0000"));
+    assert_eq!(
+        listed[999]["key"],
+        json!("k0999"),
+        "the first keys in key order"
+    );
+    assert_eq!(all["more"], json!(500));
+
+    let page = querier
+        .ok(json!({"command": "locks", "prefix": "k000", "limit": 2}))
+        .await;
+    let listed: Vec<&Value> = page["locks"]
+        .as_array()
+        .expect("locks")
+        .iter()
+        .map(|k| &k["key"])
+        .collect();
+    assert_eq!(listed, vec![&json!("k0000"), &json!("k0001")]);
+    assert_eq!(page["more"], json!(8));
+    // Three exclusive waiters on k0000: 3 + 2 + 1 = 6 edges, 2 listed.
+    assert_eq!(page["waits_for"].as_array().expect("edges").len(), 2);
+    assert_eq!(page["waits_for_more"], json!(4));
+
+    let sessions = querier.ok(json!({"command": "sessions", "limit": 2})).await;
+    assert_eq!(sessions["sessions"].as_array().expect("sessions").len(), 2);
+    assert_eq!(sessions["more"], json!(3), "5 open, 2 listed");
+    for limit in [json!(0), json!(100_001), json!("10")] {
+        querier
+            .fails(json!({"command": "locks", "limit": limit}), "bad_request")
+            .await;
+        querier
+            .fails(
+                json!({"command": "sessions", "limit": limit}),
+                "bad_request",
+            )
+            .await;
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn locks_with_a_prefix_lists_only_those_keys_and_the_edges_among_them() {
     let server = start(settings()).await;
     let mut a = server.connect().await;

@@ -182,6 +182,9 @@ pub struct KeysArgs {
 pub struct LocksArgs {
     /// Only keys starting with this.
     pub prefix: Option<String>,
+    /// List at most this many keys and edges (the server's default: 1000; at most 100,000).
+    #[arg(long)]
+    pub limit: Option<usize>,
     /// Print the server's answer as JSON.
     #[arg(long)]
     pub json: bool,
@@ -361,7 +364,9 @@ async fn keys(args: KeysArgs) -> Result<u8, Failure> {
 async fn locks(args: LocksArgs) -> Result<u8, Failure> {
     let client = args.server.connect(Some(CLI_NAME)).await?;
     loop {
-        let view = client.locks(args.prefix.as_deref()).await?;
+        let view = client
+            .locks_page(args.prefix.as_deref(), args.limit)
+            .await?;
         let text = if args.json {
             format!("{}\n", serde_json::to_string(&view).unwrap_or_default())
         } else {

@@ -70,6 +70,13 @@ pub fn locks_table(view: &LockTableView, sessions: &[SessionView]) -> String {
     } else {
         align(&rows)
     };
+    if view.more > 0 {
+        let _ = writeln!(
+            out,
+            "... and {} more keys (narrow with PREFIX or raise --limit)",
+            view.more
+        );
+    }
     if !view.waits_for.is_empty() {
         out.push_str("\nWAITS FOR\n");
         for edge in &view.waits_for {
@@ -79,6 +86,9 @@ pub fn locks_table(view: &LockTableView, sessions: &[SessionView]) -> String {
                 short_who(&edge.waiter, names.get(edge.waiter.as_str()).copied()),
                 short_who(&edge.waits_for, names.get(edge.waits_for.as_str()).copied())
             );
+        }
+        if view.waits_for_more > 0 {
+            let _ = writeln!(out, "... and {} more edges", view.waits_for_more);
         }
     }
     let _ = writeln!(out, "\n{} sessions open", view.sessions);
@@ -232,6 +242,7 @@ mod tests {
                 waits_for: a.into(),
             }],
             sessions: 2,
+            ..LockTableView::default()
         };
         let sessions = [
             session(a, Some("backup"), "127.0.0.1:5000"),
@@ -293,6 +304,7 @@ mod tests {
                 waits_for: a.into(),
             }],
             sessions: 2,
+            ..LockTableView::default()
         };
         let mut waiting = session(b, Some("w\r"), "[::1]:6000");
         waiting.waiting_for = Some("k\u{1b}[2J".into());

@@ -61,9 +61,15 @@ pub struct LockTableView {
     /// Keys that are held or waited for.
     #[serde(default)]
     pub locks: Vec<KeyView>,
-    /// Who waits for whom.
+    /// Keys that matched but were not listed (over the request's `limit`).
+    #[serde(default)]
+    pub more: u64,
+    /// Who waits for whom (derived from the keys listed).
     #[serde(default)]
     pub waits_for: Vec<WaitsForEdge>,
+    /// Edges not listed (over the request's `limit`).
+    #[serde(default)]
+    pub waits_for_more: u64,
     /// Open sessions.
     #[serde(default)]
     pub sessions: u64,

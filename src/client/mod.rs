@@ -393,20 +393,39 @@ impl Client {
         self.typed(request).await
     }
 
-    /// The lock table: every key held or waited for (only those starting with `prefix`, if one
-    /// is given), and who waits for whom.
+    /// The lock table: the keys held or waited for (only those starting with `prefix`, if one
+    /// is given), and who waits for whom — the first 1000 keys and edges, as the server lists
+    /// by default; [`LockTableView::more`] says how many keys were left out. See
+    /// [`locks_page`](Self::locks_page) for another limit.
     ///
     /// # Errors
     /// [`ClientError::ConnectionLost`] and the like.
     pub async fn locks(&self, prefix: Option<&str>) -> Result<LockTableView, ClientError> {
+        self.locks_page(prefix, None).await
+    }
+
+    /// As [`locks`](Self::locks), listing at most `limit` keys and edges (the server allows up
+    /// to 100,000).
+    ///
+    /// # Errors
+    /// `BadRequest` for a limit the server does not allow.
+    pub async fn locks_page(
+        &self,
+        prefix: Option<&str>,
+        limit: Option<usize>,
+    ) -> Result<LockTableView, ClientError> {
         let mut request = json!({"command": "locks"});
         if let Some(prefix) = prefix {
             request["prefix"] = json!(prefix);
         }
+        if let Some(limit) = limit {
+            request["limit"] = json!(limit);
+        }
         self.typed(request).await
     }
 
-    /// Every open session: name, peer address, connected for, keys held, key waited for.
+    /// The open sessions (the first 1000 by id, as the server lists by default): name, peer
+    /// address, connected for, keys held, key waited for.
     ///
     /// # Errors
     /// [`ClientError::ConnectionLost`] and the like.

@@ -258,11 +258,12 @@ impl LockManager {
         Snapshot::from_keys(keys)
     }
 
-    /// As [`LockManager::snapshot`], for the keys that start with `prefix` only; the waits-for
-    /// edges are derived from those keys alone.
-    pub fn snapshot_with_prefix(&self, prefix: &str) -> Snapshot {
-        let keys = self.lock().table.keys_snapshot_with_prefix(prefix);
-        Snapshot::from_keys(keys)
+    /// As [`LockManager::snapshot`], for the first `limit` keys (in key order) that start with
+    /// `prefix`, and how many more keys start with it. The waits-for edges are derived from the
+    /// keys listed alone, after the lock is released.
+    pub fn snapshot_page(&self, prefix: &str, limit: usize) -> (Snapshot, usize) {
+        let (keys, more) = self.lock().table.keys_snapshot_page(prefix, limit);
+        (Snapshot::from_keys(keys), more)
     }
 
     /// Runs `f` on the table under the lock, then wakes the requests it concluded.

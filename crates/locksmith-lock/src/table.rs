@@ -514,17 +514,27 @@ impl LockTable {
         keys
     }
 
-    /// As [`LockTable::keys_snapshot`], for the keys that start with `prefix` only:
-    /// O(keys + their holders and queue entries).
-    pub fn keys_snapshot_with_prefix(&self, prefix: &str) -> Vec<KeySnapshot> {
-        let mut keys: Vec<KeySnapshot> = self
+    /// As [`LockTable::keys_snapshot`], for the first `limit` keys (in key order) that start
+    /// with `prefix`, and how many more keys start with it. Only the keys listed are copied:
+    /// O(keys) to find them, O(limit log limit + their holders and queue entries) to copy them.
+    pub fn keys_snapshot_page(&self, prefix: &str, limit: usize) -> (Vec<KeySnapshot>, usize) {
+        let mut matching: Vec<&KeyState> = self
             .keys
             .iter()
-            .filter(|(_, state)| state.name.as_str().starts_with(prefix))
-            .map(|(_, state)| self.key_snapshot_of(state))
+            .map(|(_, state)| state)
+            .filter(|state| state.name.as_str().starts_with(prefix))
             .collect();
-        keys.sort_unstable_by(|a, b| a.key.cmp(&b.key));
-        keys
+        let more = matching.len().saturating_sub(limit);
+        if more > 0 {
+            matching.select_nth_unstable_by(limit, |a, b| a.name.cmp(&b.name));
+            matching.truncate(limit);
+        }
+        matching.sort_unstable_by(|a, b| a.name.cmp(&b.name));
+        let keys = matching
+            .into_iter()
+            .map(|state| self.key_snapshot_of(state))
+            .collect();
+        (keys, more)
     }
 
     /// The holders and queue of one key (`None` if nobody holds or awaits it): O(holders +

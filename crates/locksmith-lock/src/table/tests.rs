@@ -437,13 +437,28 @@ fn a_request_granted_but_not_yet_collected_is_not_withdrawn() {
 fn a_prefix_snapshot_lists_only_the_keys_that_start_with_it() {
     let (mut table, ids) = table_with(1);
     granted(&mut table, ids[0], &["job/a", "job/b", "jobs", "other"], X);
-    let names: Vec<String> = table
-        .keys_snapshot_with_prefix("job/")
-        .iter()
-        .map(|k| k.key.to_string())
-        .collect();
+    let (listed, more) = table.keys_snapshot_page("job/", 100);
+    let names: Vec<String> = listed.iter().map(|k| k.key.to_string()).collect();
     assert_eq!(names, vec!["job/a", "job/b"]);
-    assert_eq!(table.keys_snapshot_with_prefix("").len(), 4);
+    assert_eq!(more, 0);
+    assert_eq!(table.keys_snapshot_page("", 100).0.len(), 4);
+}
+
+#[test]
+fn a_snapshot_page_lists_the_first_keys_in_order_and_counts_the_rest() {
+    let (mut table, ids) = table_with(1);
+    let names: Vec<String> = (0..50).rev().map(|n| format!("k{n:02}")).collect();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    granted(&mut table, ids[0], &names[..16], X);
+    granted(&mut table, ids[0], &names[16..32], X);
+    granted(&mut table, ids[0], &names[32..48], X);
+    granted(&mut table, ids[0], &names[48..], X);
+    let (listed, more) = table.keys_snapshot_page("k", 5);
+    let listed: Vec<String> = listed.iter().map(|k| k.key.to_string()).collect();
+    assert_eq!(listed, vec!["k00", "k01", "k02", "k03", "k04"]);
+    assert_eq!(more, 45);
+    let (listed, more) = table.keys_snapshot_page("k4", 5);
+    assert_eq!((listed.len(), more), (5, 5));
 }
 
 #[test]
