@@ -42,7 +42,7 @@ use axum::Router;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -78,6 +78,10 @@ const CUT_GRACE: Duration = Duration::from_secs(1);
 /// WebSocket upgrade (or its plain HTTP requests).
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How many TCP connections beyond `--max-connections` may be open at once (in their handshake,
+/// or being refused with `server_busy`); see [`ServerSettings::handshake_reserve`].
+pub const DEFAULT_HANDSHAKE_RESERVE: usize = 128;
+
 /// The first pause of the accept loop when the process is out of file descriptors (or the
 /// kernel out of memory for sockets); it doubles with every failure in a row, up to
 /// [`ACCEPT_BACKOFF_MAX`].
@@ -93,6 +97,11 @@ pub struct ServerSettings {
     pub lock_timeout: Duration,
     /// Most simultaneous WebSocket connections.
     pub max_connections: usize,
+    /// How many TCP connections beyond `max_connections` may be open at once: connections in
+    /// their handshake, or being refused with `server_busy`. Every accepted TCP connection takes
+    /// one of the `max_connections + handshake_reserve` slots until it closes; without a free
+    /// one it is closed at once.
+    pub handshake_reserve: usize,
     /// Largest request frame in bytes.
     pub max_message_bytes: usize,
     /// Most keys per request.
@@ -123,6 +132,7 @@ impl Default for ServerSettings {
         ServerSettings {
             lock_timeout: Duration::from_secs(30),
             max_connections: 10_000,
+            handshake_reserve: DEFAULT_HANDSHAKE_RESERVE,
             max_message_bytes: 1024 * 1024,
             max_keys_per_request: 1024,
             max_locks_per_session: DEFAULT_MAX_KEYS_PER_SESSION,
@@ -142,6 +152,7 @@ impl From<&Config> for ServerSettings {
         ServerSettings {
             lock_timeout: config.lock_timeout,
             max_connections: config.max_connections,
+            handshake_reserve: DEFAULT_HANDSHAKE_RESERVE,
             max_message_bytes: config.max_message_bytes,
             max_keys_per_request: config.max_keys_per_request,
             max_locks_per_session: config.max_locks_per_session,
@@ -282,11 +293,18 @@ pub fn start(
         .with_state(state);
     let mut addrs = Vec::with_capacity(listeners.len());
     let mut tasks = JoinSet::new();
+    let tcp_slots = Arc::new(Semaphore::new(
+        settings
+            .max_connections
+            .saturating_add(settings.handshake_reserve)
+            .min(Semaphore::MAX_PERMITS),
+    ));
     for listener in listeners {
         addrs.push(listener.local_addr()?);
         tasks.spawn(serve_listener(
             listener,
             app.clone(),
+            tcp_slots.clone(),
             settings.handshake_timeout,
             shutdown.clone(),
         ));
@@ -396,6 +414,11 @@ impl RunningServer {
 /// in tasks of their own (the `TaskTracker`), and are not waited for here. Aborting this task
 /// ([`RunningServer::shutdown`] does after [`HTTP_SHUTDOWN_GRACE`]) drops the connections too.
 ///
+/// Every accepted connection takes a permit of `tcp_slots` ([`TcpSlot`]) and holds it until its
+/// socket closes, through its upgrade; without a free permit it is closed at once, so clients
+/// that never upgrade cannot get around `--max-connections`, and a client over the limit learns
+/// it at once instead of waiting in the listen backlog.
+///
 /// An accept that fails for want of file descriptors or memory (`EMFILE`, `ENFILE`, `ENOBUFS`,
 /// `ENOMEM`) is retried after a pause that doubles from [`ACCEPT_BACKOFF_MIN`] to
 /// [`ACCEPT_BACKOFF_MAX`], so the loop does not spin while the process is out of them; other
@@ -403,12 +426,14 @@ impl RunningServer {
 async fn serve_listener(
     listener: TcpListener,
     app: Router,
+    tcp_slots: Arc<Semaphore>,
     handshake_timeout: Option<Duration>,
     shutdown: CancellationToken,
 ) -> io::Result<()> {
     let mut connections = JoinSet::new();
     let mut backoff = ACCEPT_BACKOFF_MIN;
     let accept_log = Mutex::new(LogLimit::new(REFUSAL_LOG_INTERVAL));
+    let full_log = Mutex::new(LogLimit::new(REFUSAL_LOG_INTERVAL));
     loop {
         let accepted = tokio::select! {
             () = shutdown.cancelled() => break,
@@ -440,6 +465,17 @@ async fn serve_listener(
                 continue;
             }
         };
+        let Ok(slot) = tcp_slots.clone().try_acquire_owned() else {
+            log_limited(&full_log, |suppressed| {
+                tracing::warn!(
+                    %peer,
+                    suppressed,
+                    "too many open connections (--max-connections and the handshake reserve); closing a new one"
+                );
+            });
+            drop(tcp);
+            continue;
+        };
         // TCP_NODELAY: answers are small frames written back to back (pipelined answers, an
         // error answer followed by a close frame). With Nagle's algorithm a frame written while
         // the previous one is unacknowledged is held back; if the connection is then dropped
@@ -451,6 +487,9 @@ async fn serve_listener(
         connections.spawn(serve_http(
             tcp,
             peer,
+            TcpSlot {
+                _permit: Arc::new(slot),
+            },
             app.clone(),
             handshake_timeout,
             shutdown.clone(),
@@ -459,6 +498,14 @@ async fn serve_listener(
     drop(listener);
     while connections.join_next().await.is_some() {}
     Ok(())
+}
+
+/// One accepted TCP connection's permit of the listener's `tcp_slots`: held by the connection
+/// task and, through the request's extensions, by the WebSocket it is upgraded to, so it is
+/// returned when the last of them ends.
+#[derive(Clone)]
+struct TcpSlot {
+    _permit: Arc<OwnedSemaphorePermit>,
 }
 
 /// Is `error`, from `accept`, the process or the kernel running out of file descriptors or
@@ -486,12 +533,14 @@ fn is_out_of_resources(error: &io::Error) -> bool {
 async fn serve_http(
     tcp: TcpStream,
     peer: SocketAddr,
+    slot: TcpSlot,
     app: Router,
     handshake_timeout: Option<Duration>,
     shutdown: CancellationToken,
 ) {
     let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
         request.extensions_mut().insert(ConnectInfo(peer));
+        request.extensions_mut().insert(slot.clone());
         app.clone().call(request)
     });
     let connection = hyper::server::conn::http1::Builder::new()
@@ -597,6 +646,7 @@ async fn upgrade(
     State(state): State<Arc<AppState>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Extension(access): Extension<Access>,
+    Extension(slot): Extension<TcpSlot>,
     uri: Uri,
     headers: HeaderMap,
     upgrade: WebSocketUpgrade,
@@ -636,6 +686,7 @@ async fn upgrade(
         .write_buffer_size(0)
         .on_upgrade(move |socket| async move {
             let _task = task;
+            let _slot = slot;
             let cut = state.cut.clone();
             let connection = async {
                 match permit {
@@ -700,6 +751,17 @@ mod tests {
                 .lines()
                 .map(str::to_owned)
                 .collect()
+        }
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn accept_pauses_only_for_a_shortage_of_descriptors_or_memory() {
+        for errno in [libc::EMFILE, libc::ENFILE, libc::ENOBUFS, libc::ENOMEM] {
+            assert!(is_out_of_resources(&io::Error::from_raw_os_error(errno)));
+        }
+        for errno in [libc::ECONNABORTED, libc::ECONNRESET, libc::EPERM] {
+            assert!(!is_out_of_resources(&io::Error::from_raw_os_error(errno)));
         }
     }
 

@@ -83,3 +83,48 @@ async fn a_websocket_upgraded_in_time_outlives_the_handshake_deadline() {
     assert!(http_get(server.addr, "/healthz").await.ends_with("ok"));
     server.stop().await;
 }
+
+#[tokio::test]
+async fn every_accepted_connection_counts_and_one_over_the_cap_is_closed_at_once() {
+    // One WebSocket and one connection in its handshake at most; the silent connection below
+    // would otherwise sit there for the whole (here: a minute's) handshake deadline.
+    let server = start(ServerSettings {
+        max_connections: 1,
+        handshake_reserve: 1,
+        handshake_timeout: Some(Duration::from_secs(60)),
+        ..settings()
+    })
+    .await;
+    let mut admitted = server.connect().await;
+    let silent = TcpStream::connect(server.addr).await.expect("connect");
+    // Both slots are taken, the silent connection's before the upgrade: a third connection is
+    // closed without an answer, long before any deadline.
+    let mut over = TcpStream::connect(server.addr).await.expect("connect");
+    let received = read_until_closed(&mut over).await;
+    assert!(received.is_empty(), "{received:?}");
+    admitted.ping().await;
+
+    // The silent connection leaves: its slot frees, and the next client over the WebSocket
+    // limit is told `server_busy` instead. The slot is freed when the server has seen the close;
+    // try until then.
+    drop(silent);
+    let deadline = tokio::time::Instant::now() + BOUND;
+    let mut refused = loop {
+        if let Ok(ws) = wire::connect_with(&server.url(), None).await {
+            break wire::Client {
+                ws,
+                session: String::new(),
+            };
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no slot freed after a connection left"
+        );
+        tokio::task::yield_now().await;
+    };
+    let answer = refused.recv().await;
+    assert_eq!(answer["code"], serde_json::json!("server_busy"), "{answer}");
+    assert_eq!(refused.close_code().await, Some(1013));
+    admitted.ping().await;
+    server.stop().await;
+}
