@@ -420,9 +420,12 @@ impl RunningServer {
 /// it at once instead of waiting in the listen backlog.
 ///
 /// An accept that fails for want of file descriptors or memory (`EMFILE`, `ENFILE`, `ENOBUFS`,
-/// `ENOMEM`) is retried after a pause that doubles from [`ACCEPT_BACKOFF_MIN`] to
-/// [`ACCEPT_BACKOFF_MAX`], so the loop does not spin while the process is out of them; other
-/// failures concern one connection only, and the next is accepted at once.
+/// `ENOMEM`) closes the spare descriptor ([`spare_descriptor`]), accepts the waiting connection,
+/// closes it and opens the spare again, so a client at the limit is refused at once instead of
+/// hanging in the listen backlog. If that refuses nothing or the spare cannot be had back, the
+/// accept is retried after a pause that doubles from [`ACCEPT_BACKOFF_MIN`] to
+/// [`ACCEPT_BACKOFF_MAX`], so the loop does not spin while the process is out of descriptors;
+/// other failures concern one connection only, and the next is accepted at once.
 async fn serve_listener(
     listener: TcpListener,
     app: Router,
@@ -434,6 +437,7 @@ async fn serve_listener(
     let mut backoff = ACCEPT_BACKOFF_MIN;
     let accept_log = Mutex::new(LogLimit::new(REFUSAL_LOG_INTERVAL));
     let full_log = Mutex::new(LogLimit::new(REFUSAL_LOG_INTERVAL));
+    let mut spare = spare_descriptor();
     loop {
         let accepted = tokio::select! {
             () = shutdown.cancelled() => break,
@@ -450,9 +454,21 @@ async fn serve_listener(
                     tracing::warn!(
                         %error,
                         suppressed,
-                        "cannot accept a connection; pausing {backoff:?} (is the open-file limit too low for --max-connections?)"
+                        "cannot accept a connection; refusing it (is the open-file limit too low for --max-connections?)"
                     );
                 });
+                // The spare descriptor makes room to take the waiting client off the backlog
+                // and close its connection: it learns at once instead of hanging there. Each
+                // round refuses a connection, so it cannot spin; without one, pause.
+                let refused = spare.take().is_some()
+                    && matches!(
+                        tokio::time::timeout(Duration::ZERO, listener.accept()).await,
+                        Ok(Ok(_))
+                    );
+                spare = spare_descriptor();
+                if refused && spare.is_some() {
+                    continue;
+                }
                 tokio::select! {
                     () = shutdown.cancelled() => break,
                     () = tokio::time::sleep(backoff) => {}
@@ -506,6 +522,13 @@ async fn serve_listener(
 #[derive(Clone)]
 struct TcpSlot {
     _permit: Arc<OwnedSemaphorePermit>,
+}
+
+/// A file descriptor kept open for the moment the process has none left: closing it lets the
+/// accept loop accept one more connection, to close it (see [`serve_listener`]). `None` if
+/// even this cannot be opened.
+fn spare_descriptor() -> Option<std::fs::File> {
+    std::fs::File::open(if cfg!(windows) { "NUL" } else { "/dev/null" }).ok()
 }
 
 /// Is `error`, from `accept`, the process or the kernel running out of file descriptors or
