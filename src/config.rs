@@ -65,6 +65,12 @@ pub struct Config {
     #[arg(long, env = "LOCKSMITH_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
     pub idle_timeout: Duration,
 
+    /// A TCP connection that has not completed its WebSocket upgrade (or its plain HTTP
+    /// requests, such as `/healthz`) this long after it was accepted is closed, so a client
+    /// that sends nothing, or half a request, cannot hold a socket. `0s` disables the deadline.
+    #[arg(long, env = "LOCKSMITH_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub handshake_timeout: Duration,
+
     /// On SIGTERM or SIGINT, how long connections get to take their last answers
     /// (`shutting_down`) and close; those still open after it are closed without waiting for
     /// the client, and the process exits. Keep it below the stop grace of whatever stops the
@@ -366,6 +372,7 @@ mod tests {
         let config = Config::try_parse_from(["locksmith"]).expect("defaults parse");
         assert!(config.listen.is_empty());
         assert_eq!(config.idle_timeout, Duration::from_secs(60));
+        assert_eq!(config.handshake_timeout, Duration::from_secs(10));
         assert_eq!(config.lock_timeout, Duration::from_secs(30));
         assert_eq!(config.shutdown_timeout, Duration::from_secs(5));
         assert_eq!(config.data_dir, PathBuf::from("./data"));

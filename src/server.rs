@@ -1,7 +1,11 @@
 //! The server: serving on listeners already bound ([`crate::listen`] binds them), the HTTP routes
 //! (`/ws`, `/healthz`), the connection limit, the `Origin` check, and graceful shutdown.
 //!
-//! Each listener runs an axum server. A WebSocket upgrade on `/ws` is refused with 403 when it
+//! Each listener runs an accept loop of our own ([`serve_listener`]) that serves every
+//! connection as HTTP/1 with the axum router. A connection must complete its WebSocket upgrade
+//! (or its plain HTTP requests) within the handshake timeout of its accept, or it is closed
+//! ([`serve_http`]); the accept loop pauses, with doubling pauses, when the process is out of
+//! file descriptors instead of spinning. A WebSocket upgrade on `/ws` is refused with 403 when it
 //! carries an `Origin` header that is not allowed (so a web page cannot drive a local Locksmith
 //! through the user's browser); clients that send no `Origin` are accepted. A permit of the
 //! connection semaphore is taken before the upgrade and held by the connection task; without a
@@ -17,11 +21,12 @@
 //! `shutting_down` and closes its socket; [`RunningServer::shutdown`] returns once every
 //! connection task has finished, or, at the latest, after the shutdown timeout: the connections
 //! still open then (a client that stopped reading while the server was sending it answers) are
-//! cut, that is closed without waiting for the client. axum's own graceful shutdown does not
-//! wait for upgraded WebSockets, hence the `TaskTracker`.
+//! cut, that is closed without waiting for the client. The accept loop's graceful shutdown does
+//! not wait for upgraded WebSockets (they run in tasks of their own), hence the `TaskTracker`.
 
 use std::io;
 use std::net::SocketAddr;
+use std::pin::pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -32,14 +37,16 @@ use axum::http::{header, HeaderMap, StatusCode, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::serve::ListenerExt;
 use axum::Extension;
 use axum::Router;
-use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tower_service::Service;
 
 use crate::auth::{self, Access, Secret, Tokens, Unauthorized};
 use crate::config::Config;
@@ -57,8 +64,8 @@ use crate::store::Store;
 const READ_BUFFER_BYTES: usize = 4 * 1024;
 
 /// How long [`RunningServer::shutdown`] waits for plain HTTP connections (a `/healthz` call, an
-/// upgrade request still being received) to finish. axum's graceful shutdown waits for every
-/// one of them, however long a client takes to send its request.
+/// upgrade request still being received) to finish. The accept loop's graceful shutdown waits
+/// for every one of them, up to its handshake timeout.
 pub const HTTP_SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
 /// How long [`RunningServer::shutdown`] waits, once it has cut the connections left at the
@@ -67,6 +74,22 @@ pub const HTTP_SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 /// polled in time.
 const CUT_GRACE: Duration = Duration::from_secs(1);
 
+/// The default of `--handshake-timeout`: how long a TCP connection may take to complete its
+/// WebSocket upgrade (or its plain HTTP requests).
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How many TCP connections beyond `--max-connections` may be open at once (in their handshake,
+/// or being refused with `server_busy`); see [`ServerSettings::handshake_reserve`].
+pub const DEFAULT_HANDSHAKE_RESERVE: usize = 128;
+
+/// The first pause of the accept loop when the process is out of file descriptors (or the
+/// kernel out of memory for sockets); it doubles with every failure in a row, up to
+/// [`ACCEPT_BACKOFF_MAX`].
+const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
+
+/// The longest pause of the accept loop; see [`ACCEPT_BACKOFF_MIN`].
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
 /// What the server needs to know, independent of how it was configured.
 #[derive(Clone, Debug)]
 pub struct ServerSettings {
@@ -74,6 +97,11 @@ pub struct ServerSettings {
     pub lock_timeout: Duration,
     /// Most simultaneous WebSocket connections.
     pub max_connections: usize,
+    /// How many TCP connections beyond `max_connections` may be open at once: connections in
+    /// their handshake, or being refused with `server_busy`. Every accepted TCP connection takes
+    /// one of the `max_connections + handshake_reserve` slots until it closes; without a free
+    /// one it is closed at once.
+    pub handshake_reserve: usize,
     /// Largest request frame in bytes.
     pub max_message_bytes: usize,
     /// Most keys per request.
@@ -82,6 +110,9 @@ pub struct ServerSettings {
     pub max_locks_per_session: usize,
     /// Silence after which a connection is closed (`None`: never).
     pub idle_timeout: Option<Duration>,
+    /// How long a TCP connection may take, from its accept, to complete its WebSocket upgrade
+    /// or its plain HTTP requests (`/healthz`) before it is closed (`None`: forever).
+    pub handshake_timeout: Option<Duration>,
     /// How long [`RunningServer::shutdown`] waits for connections to finish before it closes
     /// the remaining ones without waiting for their clients.
     pub shutdown_timeout: Duration,
@@ -101,10 +132,12 @@ impl Default for ServerSettings {
         ServerSettings {
             lock_timeout: Duration::from_secs(30),
             max_connections: 10_000,
+            handshake_reserve: DEFAULT_HANDSHAKE_RESERVE,
             max_message_bytes: 1024 * 1024,
             max_keys_per_request: 1024,
             max_locks_per_session: DEFAULT_MAX_KEYS_PER_SESSION,
             idle_timeout: Some(Duration::from_secs(60)),
+            handshake_timeout: Some(DEFAULT_HANDSHAKE_TIMEOUT),
             shutdown_timeout: Duration::from_secs(5),
             allowed_origins: Vec::new(),
             token_floor: 0,
@@ -119,10 +152,13 @@ impl From<&Config> for ServerSettings {
         ServerSettings {
             lock_timeout: config.lock_timeout,
             max_connections: config.max_connections,
+            handshake_reserve: DEFAULT_HANDSHAKE_RESERVE,
             max_message_bytes: config.max_message_bytes,
             max_keys_per_request: config.max_keys_per_request,
             max_locks_per_session: config.max_locks_per_session,
             idle_timeout: (!config.idle_timeout.is_zero()).then_some(config.idle_timeout),
+            handshake_timeout: (!config.handshake_timeout.is_zero())
+                .then_some(config.handshake_timeout),
             shutdown_timeout: config.shutdown_timeout,
             allowed_origins: config.allowed_origins.clone(),
             token_floor: 0,
@@ -257,27 +293,21 @@ pub fn start(
         .with_state(state);
     let mut addrs = Vec::with_capacity(listeners.len());
     let mut tasks = JoinSet::new();
+    let tcp_slots = Arc::new(Semaphore::new(
+        settings
+            .max_connections
+            .saturating_add(settings.handshake_reserve)
+            .min(Semaphore::MAX_PERMITS),
+    ));
     for listener in listeners {
         addrs.push(listener.local_addr()?);
-        let service = app
-            .clone()
-            .into_make_service_with_connect_info::<SocketAddr>();
-        let stop = shutdown.clone().cancelled_owned();
-        // TCP_NODELAY: answers are small frames written back to back (pipelined answers, an
-        // error answer followed by a close frame). With Nagle's algorithm a frame written while
-        // the previous one is unacknowledged is held back; if the connection is then dropped
-        // with unread input (an oversized frame), the kernel resets it and the held-back close
-        // frame is lost.
-        let listener = listener.tap_io(|tcp| {
-            if let Err(error) = tcp.set_nodelay(true) {
-                tracing::debug!(%error, "cannot set TCP_NODELAY");
-            }
-        });
-        tasks.spawn(async move {
-            axum::serve(listener, service)
-                .with_graceful_shutdown(stop)
-                .await
-        });
+        tasks.spawn(serve_listener(
+            listener,
+            app.clone(),
+            tcp_slots.clone(),
+            settings.handshake_timeout,
+            shutdown.clone(),
+        ));
     }
     Ok(RunningServer {
         addrs,
@@ -376,6 +406,198 @@ impl RunningServer {
     }
 }
 
+/// Serves one listener until `shutdown` is cancelled: accepts connections and serves each in a
+/// task of its own, as HTTP/1 with upgrades, under the handshake deadline ([`serve_http`]).
+///
+/// On shutdown it stops accepting, asks every connection to finish the request it is serving
+/// (an idle one closes at once), and returns when they have: the WebSockets they upgraded to run
+/// in tasks of their own (the `TaskTracker`), and are not waited for here. Aborting this task
+/// ([`RunningServer::shutdown`] does after [`HTTP_SHUTDOWN_GRACE`]) drops the connections too.
+///
+/// Every accepted connection takes a permit of `tcp_slots` ([`TcpSlot`]) and holds it until its
+/// socket closes, through its upgrade; without a free permit it is closed at once, so clients
+/// that never upgrade cannot get around `--max-connections`, and a client over the limit learns
+/// it at once instead of waiting in the listen backlog.
+///
+/// An accept that fails for want of file descriptors or memory (`EMFILE`, `ENFILE`, `ENOBUFS`,
+/// `ENOMEM`) closes the spare descriptor ([`spare_descriptor`]), accepts the waiting connection,
+/// closes it and opens the spare again, so a client at the limit is refused at once instead of
+/// hanging in the listen backlog. If that refuses nothing or the spare cannot be had back, the
+/// accept is retried after a pause that doubles from [`ACCEPT_BACKOFF_MIN`] to
+/// [`ACCEPT_BACKOFF_MAX`], so the loop does not spin while the process is out of descriptors;
+/// other failures concern one connection only, and the next is accepted at once.
+async fn serve_listener(
+    listener: TcpListener,
+    app: Router,
+    tcp_slots: Arc<Semaphore>,
+    handshake_timeout: Option<Duration>,
+    shutdown: CancellationToken,
+) -> io::Result<()> {
+    let mut connections = JoinSet::new();
+    let mut backoff = ACCEPT_BACKOFF_MIN;
+    let accept_log = Mutex::new(LogLimit::new(REFUSAL_LOG_INTERVAL));
+    let full_log = Mutex::new(LogLimit::new(REFUSAL_LOG_INTERVAL));
+    let mut spare = spare_descriptor();
+    loop {
+        let accepted = tokio::select! {
+            () = shutdown.cancelled() => break,
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+            accepted = listener.accept() => accepted,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(accepted) => {
+                backoff = ACCEPT_BACKOFF_MIN;
+                accepted
+            }
+            Err(error) if is_out_of_resources(&error) => {
+                log_limited(&accept_log, |suppressed| {
+                    tracing::warn!(
+                        %error,
+                        suppressed,
+                        "cannot accept a connection; refusing it (is the open-file limit too low for --max-connections?)"
+                    );
+                });
+                // The spare descriptor makes room to take the waiting client off the backlog
+                // and close its connection: it learns at once instead of hanging there. Each
+                // round refuses a connection, so it cannot spin; without one, pause.
+                let refused = spare.take().is_some()
+                    && matches!(
+                        tokio::time::timeout(Duration::ZERO, listener.accept()).await,
+                        Ok(Ok(_))
+                    );
+                spare = spare_descriptor();
+                if refused && spare.is_some() {
+                    continue;
+                }
+                tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    () = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
+                continue;
+            }
+            Err(error) => {
+                tracing::debug!(%error, "accept failed");
+                continue;
+            }
+        };
+        let Ok(slot) = tcp_slots.clone().try_acquire_owned() else {
+            log_limited(&full_log, |suppressed| {
+                tracing::warn!(
+                    %peer,
+                    suppressed,
+                    "too many open connections (--max-connections and the handshake reserve); closing a new one"
+                );
+            });
+            drop(tcp);
+            continue;
+        };
+        // TCP_NODELAY: answers are small frames written back to back (pipelined answers, an
+        // error answer followed by a close frame). With Nagle's algorithm a frame written while
+        // the previous one is unacknowledged is held back; if the connection is then dropped
+        // with unread input (an oversized frame), the kernel resets it and the held-back close
+        // frame is lost.
+        if let Err(error) = tcp.set_nodelay(true) {
+            tracing::debug!(%error, "cannot set TCP_NODELAY");
+        }
+        connections.spawn(serve_http(
+            tcp,
+            peer,
+            TcpSlot {
+                _permit: Arc::new(slot),
+            },
+            app.clone(),
+            handshake_timeout,
+            shutdown.clone(),
+        ));
+    }
+    drop(listener);
+    while connections.join_next().await.is_some() {}
+    Ok(())
+}
+
+/// One accepted TCP connection's permit of the listener's `tcp_slots`: held by the connection
+/// task and, through the request's extensions, by the WebSocket it is upgraded to, so it is
+/// returned when the last of them ends.
+#[derive(Clone)]
+struct TcpSlot {
+    _permit: Arc<OwnedSemaphorePermit>,
+}
+
+/// A file descriptor kept open for the moment the process has none left: closing it lets the
+/// accept loop accept one more connection, to close it (see [`serve_listener`]). `None` if
+/// even this cannot be opened.
+fn spare_descriptor() -> Option<std::fs::File> {
+    std::fs::File::open(if cfg!(windows) { "NUL" } else { "/dev/null" }).ok()
+}
+
+/// Is `error`, from `accept`, the process or the kernel running out of file descriptors or
+/// socket memory, which lasts until connections close, rather than a failure of one connection?
+fn is_out_of_resources(error: &io::Error) -> bool {
+    #[cfg(unix)]
+    {
+        matches!(
+            error.raw_os_error(),
+            Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+        )
+    }
+    #[cfg(not(unix))]
+    {
+        error.kind() == io::ErrorKind::OutOfMemory
+    }
+}
+
+/// Serves one TCP connection as HTTP/1 until it ends, is upgraded (the WebSocket then runs in a
+/// task of its own), or `handshake_timeout` has passed since it was accepted: then it is closed,
+/// whatever it was doing, so a client that sends nothing, or half a request, cannot hold a
+/// socket (and a file descriptor) for longer. A client using keep-alive for `/healthz` therefore
+/// reconnects at the latest every `handshake_timeout`. On `shutdown` the request being served
+/// is finished, and the connection closed.
+async fn serve_http(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    slot: TcpSlot,
+    app: Router,
+    handshake_timeout: Option<Duration>,
+    shutdown: CancellationToken,
+) {
+    let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
+        request.extensions_mut().insert(ConnectInfo(peer));
+        request.extensions_mut().insert(slot.clone());
+        app.clone().call(request)
+    });
+    let connection = hyper::server::conn::http1::Builder::new()
+        .serve_connection(TokioIo::new(tcp), service)
+        .with_upgrades();
+    let mut connection = pin!(connection);
+    let deadline = async {
+        match handshake_timeout {
+            Some(timeout) => tokio::time::sleep(timeout).await,
+            None => std::future::pending().await,
+        }
+    };
+    let mut deadline = pin!(deadline);
+    let mut stopping = false;
+    loop {
+        tokio::select! {
+            result = connection.as_mut() => {
+                if let Err(error) = result {
+                    tracing::debug!(%peer, %error, "HTTP connection failed");
+                }
+                return;
+            }
+            () = &mut deadline => {
+                tracing::debug!(%peer, "handshake timeout: closing the connection");
+                return;
+            }
+            () = shutdown.cancelled(), if !stopping => {
+                stopping = true;
+                connection.as_mut().graceful_shutdown();
+            }
+        }
+    }
+}
+
 /// Checks the request's token (401 without the right one) and passes on what it may do.
 async fn require_token(
     State(state): State<Arc<AppState>>,
@@ -447,6 +669,7 @@ async fn upgrade(
     State(state): State<Arc<AppState>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Extension(access): Extension<Access>,
+    Extension(slot): Extension<TcpSlot>,
     uri: Uri,
     headers: HeaderMap,
     upgrade: WebSocketUpgrade,
@@ -486,6 +709,7 @@ async fn upgrade(
         .write_buffer_size(0)
         .on_upgrade(move |socket| async move {
             let _task = task;
+            let _slot = slot;
             let cut = state.cut.clone();
             let connection = async {
                 match permit {
@@ -550,6 +774,17 @@ mod tests {
                 .lines()
                 .map(str::to_owned)
                 .collect()
+        }
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn accept_pauses_only_for_a_shortage_of_descriptors_or_memory() {
+        for errno in [libc::EMFILE, libc::ENFILE, libc::ENOBUFS, libc::ENOMEM] {
+            assert!(is_out_of_resources(&io::Error::from_raw_os_error(errno)));
+        }
+        for errno in [libc::ECONNABORTED, libc::ECONNRESET, libc::EPERM] {
+            assert!(!is_out_of_resources(&io::Error::from_raw_os_error(errno)));
         }
     }
 
