@@ -2,6 +2,8 @@
 //!
 //! Layout (calls go down the list, never up):
 //! - [`server`]: listeners, routes, connection limit, Origin check, graceful shutdown.
+//! - [`accept`]: the accept loop: a slot per TCP connection, the handshake deadline, running out
+//!   of file descriptors.
 //! - [`listen`]: the `--listen` addresses resolved and bound before the server starts.
 //! - [`connection`]: one WebSocket: frames in, responses out, in order; keepalive.
 //! - [`protocol`]: the JSON request/response format and its validation (no I/O).
@@ -16,6 +18,7 @@
 //! - [`client`]: the typed async client of the protocol (the other side of the wire).
 //! - [`cli`]: the `locksmith` command line: `serve` and the client commands, built on [`client`].
 
+pub mod accept;
 pub mod auth;
 pub mod cli;
 pub mod client;

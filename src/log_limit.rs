@@ -2,6 +2,7 @@
 //! for their token): at most one line per interval, and the next line written says how many were
 //! suppressed meanwhile. Time is passed in, so it is tested without sleeping.
 
+use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -45,6 +46,18 @@ impl LogLimit {
         }
         self.last = Some(now);
         Some(std::mem::take(&mut self.suppressed))
+    }
+}
+
+/// Runs `log` with the number of lines left out since the last one, unless `limit` says a line
+/// was written less than its interval ago.
+pub fn log_limited(limit: &Mutex<LogLimit>, log: impl FnOnce(u64)) {
+    let allowed = limit
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .allow(tokio::time::Instant::now());
+    if let Some(suppressed) = allowed {
+        log(suppressed);
     }
 }
 
