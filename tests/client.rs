@@ -149,24 +149,38 @@ async fn a_waiting_call_is_answered_shutting_down_when_the_server_stops_then_los
 /// A server that answers `hello`, reads one more request and drops the connection without
 /// answering it.
 async fn server_that_drops_the_second_request() -> String {
+    let (url, listener) = fake_server().await;
+    tokio::spawn(async move {
+        let mut ws = accept_and_answer_hello(listener).await;
+        next_request(&mut ws).await;
+        drop(ws);
+    });
+    url
+}
+
+/// A listener on a loopback port for a hand-written server, and its WebSocket URL.
+async fn fake_server() -> (String, tokio::net::TcpListener) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
     let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        let (stream, _) = listener.accept().await.expect("accept");
-        let mut ws = tokio_tungstenite::accept_async(stream)
-            .await
-            .expect("handshake");
-        let hello = next_request(&mut ws).await;
-        let answer = json!({"success": true, "session": "s-1", "id": hello["id"]});
-        ws.send(Message::text(answer.to_string()))
-            .await
-            .expect("answer hello");
-        next_request(&mut ws).await;
-        drop(ws);
-    });
-    format!("ws://{addr}/ws")
+    (format!("ws://{addr}/ws"), listener)
+}
+
+/// Accepts one client and answers its `hello` as session `s-1`.
+async fn accept_and_answer_hello(
+    listener: tokio::net::TcpListener,
+) -> tokio_tungstenite::WebSocketStream<tokio::net::TcpStream> {
+    let (stream, _) = listener.accept().await.expect("accept");
+    let mut ws = tokio_tungstenite::accept_async(stream)
+        .await
+        .expect("handshake");
+    let hello = next_request(&mut ws).await;
+    let answer = json!({"success": true, "session": "s-1", "id": hello["id"]});
+    ws.send(Message::text(answer.to_string()))
+        .await
+        .expect("answer hello");
+    ws
 }
 
 async fn next_request(
@@ -242,21 +256,10 @@ async fn closing_a_client_releases_its_locks() {
 
 #[tokio::test]
 async fn a_server_that_stops_answering_pings_is_noticed_by_the_keepalive() {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
+    let (url, listener) = fake_server().await;
     let (silenced, silence) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(async move {
-        let (stream, _) = listener.accept().await.expect("accept");
-        let mut ws = tokio_tungstenite::accept_async(stream)
-            .await
-            .expect("handshake");
-        let hello = next_request(&mut ws).await;
-        let answer = json!({"success": true, "session": "s-1", "id": hello["id"]});
-        ws.send(Message::text(answer.to_string()))
-            .await
-            .expect("answer hello");
+        let ws = accept_and_answer_hello(listener).await;
         // From now on nothing is read, so no ping is answered; the socket stays open until
         // the test ends.
         let _ = silence.await;
@@ -264,7 +267,7 @@ async fn a_server_that_stops_answering_pings_is_noticed_by_the_keepalive() {
     });
     let client = tokio::time::timeout(
         BOUND,
-        Client::builder(&format!("ws://{addr}/ws"))
+        Client::builder(&url)
             .keepalive(Some(Duration::from_millis(50)))
             .connect(),
     )
