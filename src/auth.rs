@@ -20,8 +20,8 @@ use subtle::ConstantTimeEq;
 pub struct Secret(String);
 
 impl Secret {
-    /// A client's token, as given: without [`FromStr`]'s emptiness check, since a client sends
-    /// what it was given and the server judges it.
+    /// A secret as given, without [`FromStr`]'s emptiness check: a client's token (a client
+    /// sends what it was given and the server judges it), or a session's resume secret.
     pub(crate) fn client_token(text: String) -> Secret {
         Secret(text)
     }

@@ -78,6 +78,12 @@ pub struct Config {
     #[arg(long, env = "LOCKSMITH_SHUTDOWN_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     pub shutdown_timeout: Duration,
 
+    /// Longest grace period a session may ask for (`hello` with `grace_ms`): how long a
+    /// resumable session keeps its locks after its connection drops, waiting to be resumed.
+    /// Longer requests get this; 0 makes no session resumable.
+    #[arg(long, env = "LOCKSMITH_MAX_SESSION_GRACE", default_value = "30s", value_parser = parse_duration)]
+    pub max_session_grace: Duration,
+
     /// A browser `Origin` allowed to connect (repeatable). Upgrades that carry any other Origin
     /// are refused with 403; clients that send no Origin are accepted.
     #[arg(
@@ -375,6 +381,7 @@ mod tests {
         assert_eq!(config.handshake_timeout, Duration::from_secs(10));
         assert_eq!(config.lock_timeout, Duration::from_secs(30));
         assert_eq!(config.shutdown_timeout, Duration::from_secs(5));
+        assert_eq!(config.max_session_grace, Duration::from_secs(30));
         assert_eq!(config.data_dir, PathBuf::from("./data"));
         assert!(!config.in_memory);
         assert_eq!(config.max_locks_per_session, 100_000);

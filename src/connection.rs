@@ -103,16 +103,29 @@ enum Ending {
     Idle,
     Shutdown,
     Killed,
+    /// A `resume` on another connection took the session over.
+    TakenOver,
+    /// The next request is a `resume` (not an ending: [`serve`] carries it out and goes on).
+    Resume {
+        id: Option<Value>,
+        target: crate::lock::SessionId,
+        secret: crate::auth::Secret,
+    },
 }
 
 /// Serves one upgraded connection until it ends. The session (and with it every lock the client
-/// held) is released before this returns.
+/// held) is released — or, for a resumable session whose connection dropped, suspended — before
+/// this returns.
 ///
 /// However the connection ends, its request in progress settles first ([`settle`]): a lock
 /// wait is withdrawn, and a write already being committed finishes, so its keys are never
-/// released while its values may still land. Then the session is released, and only then are
-/// the last answers of a shutdown or a kill sent: a client that does not read cannot hold the
-/// release up.
+/// released while its values may still land. Then the session is released (or suspended, or
+/// handed over), and only then are the last answers of a shutdown, a kill or a takeover sent: a
+/// client that does not read cannot hold the release up.
+///
+/// A `resume` is carried out here, between two runs of the request loop: it swaps the
+/// connection's own, still empty session for the resumed one; the requests queued behind it are
+/// then carried out for the resumed session.
 pub async fn serve(
     mut socket: WebSocket,
     client: Client,
@@ -121,57 +134,120 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) {
     let peer: SocketAddr = client.peer;
-    let session = ClientSession::open(context, client);
-    let id = session.id();
-    tracing::debug!(session = %id, %peer, "connection opened");
+    let mut session = ClientSession::open(context, client.clone());
+    tracing::debug!(session = %session.id(), %peer, "connection opened");
     let mut served = 0u64;
-    let mut owed = Owed::default();
-    let ending = run(
-        &mut socket,
-        &session,
-        &mut owed,
-        settings,
-        &shutdown,
-        &mut served,
-    )
-    .await;
-    settle(&session, &mut owed).await;
-    // A shutdown's own last words are not interrupted by the shutdown; a kill's are.
-    let (farewell, interrupt) = match ending {
-        Ending::Shutdown => (
-            Some(owed.farewell(
-                &ServiceError::ShuttingDown,
-                close_code::GOING_AWAY,
-                "server shutting down",
-            )),
-            CancellationToken::new(),
-        ),
-        Ending::Killed => (
-            Some(owed.farewell(
-                &ServiceError::Killed,
-                close_code::POLICY,
-                "killed by an administrator",
-            )),
-            shutdown.clone(),
-        ),
-        _ => {
+    let mut queued = VecDeque::new();
+    let mut ended = None;
+    loop {
+        let mut owed = Owed {
+            queued: std::mem::take(&mut queued),
+            ..Owed::default()
+        };
+        let ending = match ended.take() {
+            Some(ending) => ending,
+            None => {
+                run(
+                    &mut socket,
+                    &session,
+                    &mut owed,
+                    settings,
+                    &shutdown,
+                    &mut served,
+                )
+                .await
+            }
+        };
+        if let Ending::Resume { id, target, secret } = ending {
+            // The loop stops for a resume only with nothing in flight.
+            queued = std::mem::take(&mut owed.queued);
             drop(owed);
-            (None, CancellationToken::new())
+            served += 1;
+            let resumed = tokio::select! {
+                resumed = session.resume(target, &secret) => resumed,
+                () = shutdown.cancelled() => Err(ServiceError::ShuttingDown),
+            };
+            let text = match resumed {
+                Ok(mut resumed) => {
+                    resumed.attach(&client);
+                    let reply = resumed.resumed_reply();
+                    let own = std::mem::replace(&mut session, resumed);
+                    tracing::debug!(session = %target, %peer, replaced = %own.id(), "session resumed");
+                    drop(own);
+                    protocol::encode_reply(id.as_ref(), &reply)
+                }
+                Err(error) => protocol::encode_error(id.as_ref(), &error),
+            };
+            if let Err(error) = send(
+                &mut socket,
+                Message::Text(text.into()),
+                settings.idle_timeout,
+            )
+            .await
+            {
+                ended = Some(Ending::Broken(error));
+            }
+            continue;
         }
-    };
-    drop(session);
-    if let Some(farewell) = farewell {
-        let close_limit = settings.idle_timeout.unwrap_or(CLOSE_SEND_LIMIT);
-        farewell.send(&mut socket, close_limit, &interrupt).await;
-    }
-    match &ending {
-        Ending::Broken(error) => {
-            tracing::warn!(session = %id, %peer, served, error = %error, "connection broken")
+        let id = session.id();
+        let withdrew_wait = settle(&session, &mut owed).await;
+        // A shutdown's own last words are not interrupted by the shutdown; a kill's and a
+        // takeover's are.
+        let (farewell, interrupt) = match ending {
+            Ending::Shutdown => (
+                Some(owed.farewell(
+                    &ServiceError::ShuttingDown,
+                    close_code::GOING_AWAY,
+                    "server shutting down",
+                )),
+                CancellationToken::new(),
+            ),
+            Ending::Killed => (
+                Some(owed.farewell(
+                    &ServiceError::Killed,
+                    close_code::POLICY,
+                    "killed by an administrator",
+                )),
+                shutdown.clone(),
+            ),
+            Ending::TakenOver => (
+                Some(owed.farewell(
+                    &ServiceError::TakenOver,
+                    close_code::POLICY,
+                    "session resumed on another connection",
+                )),
+                shutdown.clone(),
+            ),
+            _ => {
+                drop(owed);
+                (None, CancellationToken::new())
+            }
+        };
+        // A connection that dropped, or went silent, may come back: a resumable session is
+        // suspended. One the client closed, or the server closed for cause, is released.
+        if matches!(ending, Ending::Broken(_) | Ending::Idle | Ending::TakenOver) {
+            if let Some(grace) = session.suspend_or_release(withdrew_wait) {
+                tracing::debug!(session = %id, %peer, ?grace, withdrew_wait, "session suspended");
+            }
+        } else {
+            drop(session);
         }
-        Ending::ProtocolViolation(error) => {
-            tracing::warn!(session = %id, %peer, served, error = %error, "WebSocket protocol violation")
+        if let Some(farewell) = farewell {
+            let close_limit = settings.idle_timeout.unwrap_or(CLOSE_SEND_LIMIT);
+            farewell.send(&mut socket, close_limit, &interrupt).await;
         }
-        _ => tracing::debug!(session = %id, %peer, served, reason = ?ending, "connection closed"),
+        match &ending {
+            Ending::Broken(error) => {
+                tracing::warn!(session = %id, %peer, served, error = %error, "connection broken")
+            }
+            Ending::ProtocolViolation(error) => {
+                tracing::warn!(session = %id, %peer, served, error = %error, "WebSocket protocol violation")
+            }
+            _ => {
+                tracing::debug!(session = %id, %peer, served, reason = ?ending, "connection closed")
+            }
+        }
+        return;
     }
 }
 
@@ -180,15 +256,17 @@ pub async fn serve(
 const SETTLE_LIMIT: Duration = Duration::from_secs(10);
 
 /// Lets the request in progress finish before the session is released: its lock wait is
-/// withdrawn (it then fails at once), and a write past its wait completes its commit.
-async fn settle(session: &ClientSession, owed: &mut Owed<'_>) {
+/// withdrawn (it then fails at once), and a write past its wait completes its commit. Returns
+/// whether a lock wait was withdrawn.
+async fn settle(session: &ClientSession, owed: &mut Owed<'_>) -> bool {
     let Some((_, in_flight)) = owed.in_flight.as_mut() else {
-        return;
+        return false;
     };
-    session.cancel_wait();
+    let withdrew = session.cancel_wait();
     if tokio::time::timeout(SETTLE_LIMIT, in_flight).await.is_err() {
         tracing::warn!(session = %session.id(), "a request did not settle in {SETTLE_LIMIT:?}; abandoning it");
     }
+    withdrew
 }
 
 /// What the connection still owes its client: the request in progress and those waiting for
@@ -296,7 +374,10 @@ async fn run<'a>(
         after_in_flight,
         queued,
     } = owed;
-    let killed = session.killed();
+    let stops = Stops {
+        killed: session.killed(),
+        detached: session.detached(),
+    };
     let mut last_heard = Instant::now();
     // Last time we heard from the client or pinged it: the keepalive acts after `tick` of this.
     let mut last_poke = last_heard;
@@ -308,9 +389,9 @@ async fn run<'a>(
     let send_limit = settings.idle_timeout;
     let close_limit = settings.idle_timeout.unwrap_or(CLOSE_SEND_LIMIT);
     loop {
-        // Start the next request, answering at once the ones that fail to decode. A killed
-        // session starts nothing more.
-        while in_flight.is_none() && !killed.is_cancelled() {
+        // Start the next request, answering at once the ones that fail to decode. A killed or
+        // detached session starts nothing more.
+        while in_flight.is_none() && !stops.any() {
             let Some(next) = queued.pop_front() else {
                 break;
             };
@@ -319,7 +400,7 @@ async fn run<'a>(
                 Incoming::Answered(text) => {
                     *served += 1;
                     if let Err(ending) =
-                        send_unless_killed(socket, text, send_limit, killed, after_in_flight).await
+                        send_unless_stopped(socket, text, send_limit, &stops, after_in_flight).await
                     {
                         return ending;
                     }
@@ -327,6 +408,15 @@ async fn run<'a>(
                 }
             };
             match decoded {
+                Ok(Request {
+                    id,
+                    command:
+                        Command::Resume {
+                            session: target,
+                            secret,
+                        },
+                    ..
+                }) => return Ending::Resume { id, target, secret },
                 Ok(request) => {
                     let id = request.id.clone();
                     *in_flight =
@@ -337,7 +427,7 @@ async fn run<'a>(
                     tracing::debug!(session = %session.id(), code = error.code(), "bad request");
                     let text = protocol::encode_error(id.as_ref(), &error);
                     if let Err(ending) =
-                        send_unless_killed(socket, text, send_limit, killed, after_in_flight).await
+                        send_unless_stopped(socket, text, send_limit, &stops, after_in_flight).await
                     {
                         return ending;
                     }
@@ -359,7 +449,7 @@ async fn run<'a>(
                 // The kill closed the session under the request (the kill's last resort): say
                 // why it failed.
                 let result = match result {
-                    Err(ServiceError::Lock(LockError::SessionClosed)) if killed.is_cancelled() => Err(ServiceError::Killed),
+                    Err(ServiceError::Lock(LockError::SessionClosed)) if stops.killed.is_cancelled() => Err(ServiceError::Killed),
                     other => other,
                 };
                 let text = match &result {
@@ -368,19 +458,20 @@ async fn run<'a>(
                 };
                 let mut answers = std::iter::once(text).chain(std::mem::take(after_in_flight)).collect::<VecDeque<_>>();
                 while let Some(text) = answers.pop_front() {
-                    if let Err(ending) = send_unless_killed(socket, text, send_limit, killed, after_in_flight).await {
+                    if let Err(ending) = send_unless_stopped(socket, text, send_limit, &stops, after_in_flight).await {
                         after_in_flight.extend(answers);
                         return ending;
                     }
                 }
             }
-            () = killed.cancelled() => {
-                // Requests the client sent before the kill and that are already readable count as
-                // queued: they are answered `killed` too, not dropped unanswered.
+            ending = stops.stopped() => {
+                // Requests the client sent before the kill (or takeover) and that are already
+                // readable count as queued: they are answered `killed` (`taken_over`) too, not
+                // dropped unanswered.
                 while let Some(Some(Ok(Message::Text(text)))) = socket.recv().now_or_never() {
                     queued.push_back(Incoming::Decoded(protocol::decode(text.as_str(), settings.limits)));
                 }
-                return Ending::Killed;
+                return ending;
             }
             frame = socket.recv() => {
                 last_heard = Instant::now();
@@ -447,7 +538,7 @@ async fn run<'a>(
                 }
                 let ping = tokio::select! {
                     biased;
-                    () = killed.cancelled() => return Ending::Killed,
+                    ending = stops.stopped() => return ending,
                     sent = send(socket, Message::Ping(Default::default()), send_limit) => sent,
                 };
                 if let Err(error) = ping {
@@ -459,26 +550,52 @@ async fn run<'a>(
     }
 }
 
-/// Sends one answer like [`send`], but gives up as soon as the session is killed: a client that
-/// stops reading must not hold up the release a `kill` waits for. An answer not yet started
-/// when the kill is seen goes to `unsent`, to be sent with the connection's last words.
+/// What stops a connection from serving its session any further: an administrator's `kill`,
+/// or a `resume` of the session on another connection.
+struct Stops<'a> {
+    /// Cancelled by `kill`.
+    killed: &'a CancellationToken,
+    /// Cancelled by a takeover.
+    detached: &'a CancellationToken,
+}
+
+impl Stops<'_> {
+    /// Has either happened?
+    fn any(&self) -> bool {
+        self.killed.is_cancelled() || self.detached.is_cancelled()
+    }
+
+    /// Resolves with the ending once either happens (a kill first, if both have).
+    async fn stopped(&self) -> Ending {
+        tokio::select! {
+            biased;
+            () = self.killed.cancelled() => Ending::Killed,
+            () = self.detached.cancelled() => Ending::TakenOver,
+        }
+    }
+}
+
+/// Sends one answer like [`send`], but gives up as soon as the session is killed or taken
+/// over: a client that stops reading must not hold up the release a `kill` waits for, nor the
+/// hand-over a `resume` waits for. An answer not yet started when that is seen goes to
+/// `unsent`, to be sent with the connection's last words.
 ///
 /// # Errors
-/// The ending: `Killed`, or `Broken` if the send failed.
-async fn send_unless_killed(
+/// The ending: `Killed`, `TakenOver`, or `Broken` if the send failed.
+async fn send_unless_stopped(
     socket: &mut WebSocket,
     text: String,
     limit: Option<Duration>,
-    killed: &CancellationToken,
+    stops: &Stops<'_>,
     unsent: &mut Vec<String>,
 ) -> Result<(), Ending> {
-    if killed.is_cancelled() {
+    if stops.any() {
         unsent.push(text);
-        return Err(Ending::Killed);
+        return Err(stops.stopped().await);
     }
     tokio::select! {
         biased;
-        () = killed.cancelled() => Err(Ending::Killed),
+        ending = stops.stopped() => Err(ending),
         sent = send(socket, Message::Text(text.into()), limit) => sent.map_err(Ending::Broken),
     }
 }

@@ -17,6 +17,7 @@ use serde_json::{json, Map, Value};
 
 use uuid::Uuid;
 
+use crate::auth::Secret;
 use crate::lock::{CycleMember, FencingToken, Key, LockError, LockMode, SessionId, Snapshot};
 use crate::store::{KeysPage, StoreError};
 
@@ -84,8 +85,17 @@ pub enum Command {
     Locks { prefix: String, limit: usize },
     /// This connection's session id.
     Session,
-    /// Names the session (when `name` is given) and answers its id and the server's version.
-    Hello { name: Option<String> },
+    /// Names the session (when `name` is given), sets its grace period (when `grace` is
+    /// given: zero makes it non-resumable), and answers its id, the server's version and, for a
+    /// resumable session, its grace and resume secret.
+    Hello {
+        name: Option<String>,
+        grace: Option<Duration>,
+    },
+    /// Makes this connection the connection of `session`, a resumable session whose connection
+    /// dropped (or is about to be taken over), if `secret` is its resume secret. The connection
+    /// layer carries it out, since it changes the connection's session.
+    Resume { session: SessionId, secret: Secret },
     /// The first `limit` open sessions, by id.
     Sessions { limit: usize },
     /// A page of the keys that have a value: starting with `prefix`, after `after`, at most
@@ -153,6 +163,13 @@ pub enum ServiceError {
     /// What the request names does not exist (e.g. `kill` of a session that is not open).
     #[error("not found: {0}")]
     NotFound(String),
+    /// `resume` named a session that is not open: its grace ran out, it was released or
+    /// killed, it never existed, or the server restarted (locks are not persistent).
+    #[error("session expired: {0}")]
+    SessionExpired(String),
+    /// This session was resumed on another connection; this connection no longer serves it.
+    #[error("taken over: the session was resumed on another connection")]
+    TakenOver,
 }
 
 /// A member of a deadlock cycle with its session's name, if it has one.
@@ -196,6 +213,9 @@ pub struct SessionInfo {
     pub held: usize,
     /// The key its request waits on, if it waits.
     pub waiting_for: Option<Key>,
+    /// How long it has been suspended (its connection dropped; it may be resumed), in
+    /// milliseconds; `None` while it is connected.
+    pub suspended_ms: Option<u64>,
 }
 
 impl ServiceError {
@@ -216,6 +236,8 @@ impl ServiceError {
             ServiceError::Killed => "killed",
             ServiceError::Forbidden(_) => "forbidden",
             ServiceError::NotFound(_) => "not_found",
+            ServiceError::SessionExpired(_) => "session_expired",
+            ServiceError::TakenOver => "taken_over",
         }
     }
 
@@ -247,17 +269,25 @@ pub enum Reply {
         sessions: usize,
         /// The names of the sessions that have one.
         names: HashMap<SessionId, String>,
+        /// When each suspended session was suspended (see [`crate::suspension`]).
+        suspended: HashMap<SessionId, Instant>,
         /// Keys that matched but were not listed (over the `limit`).
         more: usize,
         /// Most waits-for edges to list (the request's `limit`).
         limit: usize,
     },
-    /// The answer to `hello`: the session id, its name if set, and the server's version.
+    /// The answer to `hello` and `resume`: the session id, its name if set, the server's
+    /// version, the grace and resume secret of a resumable session, and (after `resume`) the
+    /// keys it holds.
     Hello {
         /// The session id.
         session: SessionId,
         /// Its name, if set.
         name: Option<String>,
+        /// Its grace period and resume secret, if it is resumable.
+        resumable: Option<(Duration, Secret)>,
+        /// After `resume`: every key the session holds, with its fencing token.
+        held: Option<Vec<(Key, FencingToken)>>,
     },
     /// Open sessions, sorted by id.
     Sessions {
@@ -301,17 +331,7 @@ fn decode_object(object: &Map<String, Value>, limits: Limits) -> Result<Request,
         Some(_) => return Err(ServiceError::bad("`command` must be a string")),
         None => return Err(ServiceError::bad("missing field `command`")),
     };
-    let timeout = match object.get("timeout_ms") {
-        None | Some(Value::Null) => None,
-        Some(value) => match value.as_u64() {
-            Some(ms) => Some(Duration::from_millis(ms)),
-            None => {
-                return Err(ServiceError::bad(
-                    "`timeout_ms` must be a non-negative integer",
-                ))
-            }
-        },
-    };
+    let timeout = optional_millis(object, "timeout_ms")?;
     let command = match command {
         "lock" => Command::Lock {
             keys: keys(object, limits)?,
@@ -347,6 +367,14 @@ fn decode_object(object: &Map<String, Value>, limits: Limits) -> Result<Request,
             name: optional_string(object, "name")?
                 .map(|name| valid_name(&name).map(|()| name))
                 .transpose()?,
+            grace: optional_millis(object, "grace_ms")?,
+        },
+        "resume" => Command::Resume {
+            session: session_id(object)?,
+            secret: match optional_string(object, "secret")? {
+                Some(secret) => Secret::client_token(secret),
+                None => return Err(ServiceError::bad("missing field `secret`")),
+            },
         },
         "sessions" => Command::Sessions {
             limit: limit(object, DEFAULT_LIST_LIMIT, MAX_LIST_LIMIT)?,
@@ -435,6 +463,22 @@ fn optional_string(
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(text)) => Ok(Some(text.clone())),
         Some(_) => Err(ServiceError::bad(format!("`{field}` must be a string"))),
+    }
+}
+
+/// A duration in whole milliseconds: a non-negative integer, or absent.
+fn optional_millis(
+    object: &Map<String, Value>,
+    field: &str,
+) -> Result<Option<Duration>, ServiceError> {
+    match object.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(value) => match value.as_u64() {
+            Some(ms) => Ok(Some(Duration::from_millis(ms))),
+            None => Err(ServiceError::bad(format!(
+                "`{field}` must be a non-negative integer"
+            ))),
+        },
     }
 }
 
@@ -543,10 +587,14 @@ pub fn encode_reply(id: Option<&Value>, reply: &Reply) -> String {
             taken_at,
             sessions,
             names,
+            suspended,
             more,
             limit,
         } => {
-            object.insert("locks".into(), locks_array(snapshot, *taken_at, names));
+            object.insert(
+                "locks".into(),
+                locks_array(snapshot, *taken_at, names, suspended),
+            );
             object.insert("more".into(), json!(more));
             let edges: Vec<Value> = snapshot
                 .waits_for
@@ -563,12 +611,33 @@ pub fn encode_reply(id: Option<&Value>, reply: &Reply) -> String {
             );
             object.insert("sessions".into(), json!(sessions));
         }
-        Reply::Hello { session, name } => {
+        Reply::Hello {
+            session,
+            name,
+            resumable,
+            held,
+        } => {
             object.insert("session".into(), Value::String(session.to_string()));
             if let Some(name) = name {
                 object.insert("name".into(), Value::String(name.clone()));
             }
             object.insert("version".into(), Value::String(VERSION.into()));
+            match resumable {
+                Some((grace, secret)) => {
+                    object.insert("grace_ms".into(), json!(duration_millis(*grace)));
+                    // The one place a resume secret is written: to its own session's client.
+                    object.insert(
+                        "resume_secret".into(),
+                        Value::String(secret.reveal().into()),
+                    );
+                }
+                None => {
+                    object.insert("grace_ms".into(), json!(0));
+                }
+            }
+            if let Some(held) = held {
+                object.insert("tokens".into(), tokens_object(held));
+            }
         }
         Reply::Sessions { sessions, more } => {
             let sessions = sessions.iter().map(session_object).collect();
@@ -609,6 +678,15 @@ fn session_object(info: &SessionInfo) -> Value {
         .as_ref()
         .map_or(Value::Null, |k| Value::String(k.to_string()));
     object.insert("waiting_for".into(), waiting);
+    let state = if info.suspended_ms.is_some() {
+        "suspended"
+    } else {
+        "connected"
+    };
+    object.insert("state".into(), Value::String(state.into()));
+    if let Some(suspended_ms) = info.suspended_ms {
+        object.insert("suspended_ms".into(), json!(suspended_ms));
+    }
     Value::Object(object)
 }
 
@@ -702,13 +780,18 @@ fn with_name(mut entry: Value, session: SessionId, names: &HashMap<SessionId, St
 }
 
 fn millis_between(earlier: Instant, later: Instant) -> u64 {
-    u64::try_from(later.saturating_duration_since(earlier).as_millis()).unwrap_or(u64::MAX)
+    duration_millis(later.saturating_duration_since(earlier))
+}
+
+fn duration_millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
 fn locks_array(
     snapshot: &Snapshot,
     taken_at: Instant,
     names: &HashMap<SessionId, String>,
+    suspended: &HashMap<SessionId, Instant>,
 ) -> Value {
     Value::Array(
         snapshot
@@ -719,12 +802,20 @@ fn locks_array(
                     .holders
                     .iter()
                     .map(|h| {
-                        let holder = json!({
+                        let mut holder = json!({
                             "session": h.session.to_string(),
                             "mode": mode_name(h.mode),
                             "token": h.token.0,
                             "held_ms": millis_between(h.since, taken_at),
                         });
+                        if let (Some(since), Value::Object(fields)) =
+                            (suspended.get(&h.session), &mut holder)
+                        {
+                            fields.insert(
+                                "suspended_ms".into(),
+                                json!(millis_between(*since, taken_at)),
+                            );
+                        }
                         with_name(holder, h.session, names)
                     })
                     .collect();
@@ -910,6 +1001,8 @@ mod tests {
             (ServiceError::Killed, "killed"),
             (ServiceError::Forbidden("x".into()), "forbidden"),
             (ServiceError::NotFound("x".into()), "not_found"),
+            (ServiceError::SessionExpired("x".into()), "session_expired"),
+            (ServiceError::TakenOver, "taken_over"),
         ];
         for (error, code) in cases {
             assert_eq!(error.code(), code, "{error}");
@@ -962,6 +1055,83 @@ mod tests {
             decode_code(r#"{"command":"hello","name":5}"#),
             "bad_request"
         );
+    }
+
+    #[test]
+    fn grace_ms_is_a_non_negative_integer_and_resume_needs_a_session_and_a_secret() {
+        let hello = decode_ok(r#"{"command":"hello","grace_ms":1500}"#);
+        assert_eq!(
+            hello.command,
+            Command::Hello {
+                name: None,
+                grace: Some(Duration::from_millis(1500))
+            }
+        );
+        assert_eq!(
+            decode_code(r#"{"command":"hello","grace_ms":-1}"#),
+            "bad_request"
+        );
+        assert_eq!(
+            decode_code(r#"{"command":"hello","grace_ms":"5s"}"#),
+            "bad_request"
+        );
+        let id = "67e55044-10b1-426f-9247-bb680e5fe0c8";
+        let resume = decode_ok(&format!(
+            r#"{{"command":"resume","session":"{id}","secret":"00ff"}}"#
+        ));
+        assert_eq!(
+            resume.command,
+            Command::Resume {
+                session: SessionId(Uuid::parse_str(id).unwrap()),
+                secret: Secret::client_token("00ff".into())
+            }
+        );
+        assert_eq!(
+            decode_code(&format!(r#"{{"command":"resume","session":"{id}"}}"#)),
+            "bad_request"
+        );
+        assert_eq!(
+            decode_code(r#"{"command":"resume","secret":"00ff"}"#),
+            "bad_request"
+        );
+    }
+
+    #[test]
+    fn a_resume_secret_is_neither_in_a_requests_debug_nor_in_a_hello_without_grace() {
+        let id = "67e55044-10b1-426f-9247-bb680e5fe0c8";
+        let resume = decode_ok(&format!(
+            r#"{{"command":"resume","session":"{id}","secret":"5ec7e7"}}"#
+        ));
+        assert!(!format!("{resume:?}").contains("5ec7e7"));
+        let session = SessionId::from_u128(1);
+        let plain = encode_reply(
+            None,
+            &Reply::Hello {
+                session,
+                name: None,
+                resumable: None,
+                held: None,
+            },
+        );
+        let plain: Value = serde_json::from_str(&plain).unwrap();
+        assert_eq!(plain["grace_ms"], json!(0));
+        assert!(plain.get("resume_secret").is_none() && plain.get("tokens").is_none());
+        let resumed = encode_reply(
+            None,
+            &Reply::Hello {
+                session,
+                name: None,
+                resumable: Some((
+                    Duration::from_secs(10),
+                    Secret::client_token("5ec7e7".into()),
+                )),
+                held: Some(vec![(Key::from("k"), FencingToken(7))]),
+            },
+        );
+        let resumed: Value = serde_json::from_str(&resumed).unwrap();
+        assert_eq!(resumed["grace_ms"], json!(10_000));
+        assert_eq!(resumed["resume_secret"], json!("5ec7e7"));
+        assert_eq!(resumed["tokens"], json!({"k": 7}));
     }
 
     #[test]
@@ -1050,16 +1220,16 @@ mod tests {
         /// The same for the commands of issue 9 and their fields: no panic, every rejection has
         /// a code, and an accepted one respects its limits.
         #[test]
-        fn decoder_survives_arbitrary_json_in_the_issue_9_commands(value in arbitrary_json(), command in prop::sample::select(vec!["delete", "keys", "hello", "locks", "sessions", "cancel", "kill"])) {
+        fn decoder_survives_arbitrary_json_in_the_issue_9_commands(value in arbitrary_json(), command in prop::sample::select(vec!["delete", "keys", "hello", "locks", "sessions", "cancel", "kill", "resume"])) {
             let mut object = Map::new();
             object.insert("command".into(), Value::String(command.into()));
-            for field in ["keys", "hold_lock", "prefix", "after", "limit", "name", "session"] {
+            for field in ["keys", "hold_lock", "prefix", "after", "limit", "name", "session", "grace_ms", "secret"] {
                 object.insert(field.into(), value.clone());
             }
             match decode(&Value::Object(object).to_string(), LIMITS) {
                 Ok(request) => match request.command {
                     Command::Keys { limit, .. } => prop_assert!((1..=MAX_KEYS_LIMIT).contains(&limit)),
-                    Command::Hello { name: Some(name) } => prop_assert!(valid_name(&name).is_ok()),
+                    Command::Hello { name: Some(name), .. } => prop_assert!(valid_name(&name).is_ok()),
                     Command::Delete { keys, .. } => prop_assert!(!keys.is_empty()),
                     _ => {}
                 },

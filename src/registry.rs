@@ -1,6 +1,7 @@
 //! The directory of open sessions: for each session id, what the server knows about its client
 //! that the lock manager does not — its name, its peer address, when it connected, whether it
-//! presented the admin token — and the handle `kill` uses to end its connection.
+//! presented the admin token, whether it may be resumed (its grace and resume secret) and whether
+//! it is suspended — and the handles `kill` and `resume` use to end its connection.
 //!
 //! A connection registers its session when it opens and the [`Registration`] guard removes it
 //! when the connection ends, however it ends. The map sits behind a std `Mutex`: every critical
@@ -10,10 +11,12 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
 
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::auth::Secret;
 use crate::lock::SessionId;
 
 /// The directory. Cloning it is cheap; all clones share one map.
@@ -39,6 +42,42 @@ struct Entry {
     /// Cancelled when the entry goes, after the session's locks are released: what `kill`
     /// waits for before it answers.
     gone: CancellationToken,
+    /// Set when the client asked for a grace period: the session outlives a dropped connection
+    /// by that long, and a new connection presenting the secret may resume it.
+    resumable: Option<Resumable>,
+    /// When its connection dropped, while it is suspended (`None` while connected).
+    suspended_at: Option<Instant>,
+    /// Cancelled by a `resume` from another connection: the current connection hands the
+    /// session over and closes. A new token for each connection the session is attached to.
+    detach: CancellationToken,
+}
+
+/// What makes a session resumable.
+#[derive(Clone, Debug)]
+pub struct Resumable {
+    /// How long the session outlives a dropped connection.
+    pub grace: Duration,
+    /// What a `resume` must present: 128 random bits, hex. Drawn once per session.
+    pub secret: Secret,
+}
+
+/// Why a `resume` cannot have the session it names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClaimRefused {
+    /// No such session is open.
+    NotOpen,
+    /// The session never asked for a grace period.
+    NotResumable,
+    /// The secret presented is not the session's.
+    WrongSecret,
+}
+
+/// A `resume`'s rightful claim on a session, as [`Registry::claim`] grants it.
+pub struct Claim {
+    /// Cancels the session's current connection, if it has one (takeover).
+    pub detach: Option<CancellationToken>,
+    /// Cancelled when the session ends (released, killed, expired).
+    pub gone: CancellationToken,
 }
 
 /// One open session as [`Registry::list`] shows it.
@@ -52,6 +91,8 @@ pub struct Listed {
     pub peer: SocketAddr,
     /// When it connected.
     pub connected_at: Instant,
+    /// When it was suspended, if it is.
+    pub suspended_at: Option<Instant>,
 }
 
 /// A session's place in the registry; dropping it removes the entry.
@@ -64,12 +105,38 @@ pub struct Registration {
     kill: CancellationToken,
     /// Cancelled when this registration is dropped.
     gone: CancellationToken,
+    /// The current connection's detach handle (see [`Entry::detach`]).
+    detach: CancellationToken,
 }
 
 impl Registration {
     /// Cancelled when an administrator kills this session.
     pub fn killed(&self) -> &CancellationToken {
         &self.kill
+    }
+
+    /// Cancelled when a `resume` on another connection takes this session over.
+    pub fn detached(&self) -> &CancellationToken {
+        &self.detach
+    }
+
+    /// Marks the session suspended, from now: its connection dropped.
+    pub fn suspend(&self) {
+        if let Some(entry) = self.registry.entries().get_mut(&self.session) {
+            entry.suspended_at = Some(Instant::now());
+        }
+    }
+
+    /// Attaches the session to a new connection (after `resume`): connected again, from `peer`,
+    /// with the new connection's admin flag, and a fresh detach handle.
+    pub fn attach(&mut self, peer: SocketAddr, admin: bool) {
+        self.detach = CancellationToken::new();
+        if let Some(entry) = self.registry.entries().get_mut(&self.session) {
+            entry.peer = peer;
+            entry.admin = admin;
+            entry.suspended_at = None;
+            entry.detach = self.detach.clone();
+        }
     }
 }
 
@@ -96,6 +163,7 @@ impl Registry {
     ) -> Registration {
         let kill = CancellationToken::new();
         let gone = CancellationToken::new();
+        let detach = CancellationToken::new();
         self.entries().insert(
             session,
             Entry {
@@ -105,6 +173,9 @@ impl Registry {
                 admin,
                 kill: kill.clone(),
                 gone: gone.clone(),
+                resumable: None,
+                suspended_at: None,
+                detach: detach.clone(),
             },
         );
         Registration {
@@ -112,7 +183,57 @@ impl Registry {
             session,
             kill,
             gone,
+            detach,
         }
+    }
+
+    /// Sets `session`'s grace period: zero makes it non-resumable. Its secret is drawn the first
+    /// time and kept. Returns what the session is now, or `None` if it is not resumable.
+    pub fn set_grace(&self, session: SessionId, grace: Duration) -> Option<Resumable> {
+        let mut entries = self.entries();
+        let entry = entries.get_mut(&session)?;
+        if grace.is_zero() {
+            entry.resumable = None;
+            return None;
+        }
+        let secret = match &entry.resumable {
+            Some(resumable) => resumable.secret.clone(),
+            None => new_secret(),
+        };
+        let resumable = Resumable { grace, secret };
+        entry.resumable = Some(resumable.clone());
+        Some(resumable)
+    }
+
+    /// `session`'s grace and secret, if it is resumable.
+    pub fn resumable(&self, session: SessionId) -> Option<Resumable> {
+        self.entries().get(&session)?.resumable.clone()
+    }
+
+    /// Checks a `resume` of `session` with `secret` (in constant time). A refused claim changes
+    /// nothing.
+    ///
+    /// # Errors
+    /// Why the claim is refused.
+    pub fn claim(&self, session: SessionId, secret: &Secret) -> Result<Claim, ClaimRefused> {
+        let entries = self.entries();
+        let entry = entries.get(&session).ok_or(ClaimRefused::NotOpen)?;
+        let resumable = entry.resumable.as_ref().ok_or(ClaimRefused::NotResumable)?;
+        if !resumable.secret.matches(secret.reveal()) {
+            return Err(ClaimRefused::WrongSecret);
+        }
+        Ok(Claim {
+            detach: entry.suspended_at.is_none().then(|| entry.detach.clone()),
+            gone: entry.gone.clone(),
+        })
+    }
+
+    /// When each suspended session was suspended.
+    pub fn suspended(&self) -> HashMap<SessionId, Instant> {
+        self.entries()
+            .iter()
+            .filter_map(|(id, entry)| Some((*id, entry.suspended_at?)))
+            .collect()
     }
 
     /// Gives `session` a name (replacing the one it had).
@@ -150,6 +271,7 @@ impl Registry {
                 name: entry.name.clone(),
                 peer: entry.peer,
                 connected_at: entry.connected_at,
+                suspended_at: entry.suspended_at,
             })
             .collect();
         listed.sort_unstable_by_key(|l| l.session);
@@ -178,6 +300,12 @@ impl Registry {
     fn entries(&self) -> MutexGuard<'_, HashMap<SessionId, Entry>> {
         self.entries.lock().unwrap_or_else(PoisonError::into_inner)
     }
+}
+
+/// A resume secret: 128 bits from the thread's cryptographically secure generator, as 32 hex
+/// digits.
+fn new_secret() -> Secret {
+    Secret::client_token(format!("{:032x}", rand::random::<u128>()))
 }
 
 #[cfg(test)]

@@ -54,6 +54,7 @@ use crate::protocol::{self, Limits};
 use crate::registry::Registry;
 use crate::session::{Client, SessionContext};
 use crate::store::Store;
+use crate::suspension::Suspensions;
 
 /// Read buffer of one WebSocket. Requests are small; a large one grows the buffer while it is
 /// read. tungstenite's default (128 KiB per connection) would dominate the memory of idle
@@ -114,6 +115,8 @@ pub struct ServerSettings {
     pub token: Option<Secret>,
     /// Token that makes a connection an admin connection (may `kill`).
     pub admin_token: Option<Secret>,
+    /// Longest grace period a session may ask for (zero: no session is resumable).
+    pub max_session_grace: Duration,
 }
 
 impl Default for ServerSettings {
@@ -132,6 +135,7 @@ impl Default for ServerSettings {
             token_floor: 0,
             token: None,
             admin_token: None,
+            max_session_grace: Duration::from_secs(30),
         }
     }
 }
@@ -153,6 +157,7 @@ impl From<&Config> for ServerSettings {
             token_floor: 0,
             token: config.token.clone(),
             admin_token: config.admin_token.clone(),
+            max_session_grace: config.max_session_grace,
         }
     }
 }
@@ -189,6 +194,8 @@ pub struct RunningServer {
     locks: LockManager,
     /// The directory of open sessions, for diagnostics and tests.
     registry: Registry,
+    /// Suspended sessions: released at shutdown (locks do not outlive the server).
+    suspensions: Suspensions,
     shutdown: CancellationToken,
     shutdown_timeout: Duration,
     cut: CancellationToken,
@@ -244,6 +251,8 @@ pub fn start(
     let cut_count = Arc::new(AtomicUsize::new(0));
     let tracker = TaskTracker::new();
     let registry = Registry::new();
+    // Suspended sessions hold no connection; as many may wait to be resumed as may be connected.
+    let suspensions = Suspensions::new(settings.max_connections);
     let state = Arc::new(AppState {
         context: SessionContext {
             locks: locks.clone(),
@@ -251,6 +260,8 @@ pub fn start(
             default_timeout: settings.lock_timeout,
             registry: registry.clone(),
             deadlock_log: Arc::new(Mutex::new(LogLimit::new(DEADLOCK_LOG_INTERVAL))),
+            suspensions: suspensions.clone(),
+            max_session_grace: settings.max_session_grace,
         },
         connection: ConnectionSettings {
             limits: Limits {
@@ -302,6 +313,7 @@ pub fn start(
         addrs,
         locks,
         registry,
+        suspensions,
         shutdown,
         shutdown_timeout: settings.shutdown_timeout,
         cut,
@@ -325,6 +337,11 @@ impl RunningServer {
     /// The directory of open sessions (for diagnostics and tests).
     pub fn registry(&self) -> &Registry {
         &self.registry
+    }
+
+    /// The suspended sessions (for diagnostics and tests).
+    pub fn suspensions(&self) -> &Suspensions {
+        &self.suspensions
     }
 
     /// A token that starts the shutdown when cancelled.
@@ -364,10 +381,13 @@ impl RunningServer {
             self.listeners.abort_all();
         }
         self.tracker.close();
-        if tokio::time::timeout_at(deadline, self.tracker.wait())
+        let finished = tokio::time::timeout_at(deadline, self.tracker.wait())
             .await
-            .is_ok()
-        {
+            .is_ok();
+        // Every connection is answered `shutting_down` and its session released, not suspended;
+        // the sessions suspended before go now.
+        self.suspensions.release_all();
+        if finished {
             return 0;
         }
         self.cut.cancel();
@@ -380,6 +400,7 @@ impl RunningServer {
                 "shutdown: connection tasks still running {CUT_GRACE:?} after they were cut"
             );
         }
+        self.suspensions.release_all();
         let cut = self.cut_count.load(Ordering::Relaxed);
         let noun = if cut == 1 {
             "connection"

@@ -11,9 +11,13 @@
 //! without `hold_lock` leaves the session's locks as it found them, whether it succeeds or fails.
 //! `delete` is a write that removes its keys.
 //!
-//! The session is also registered in the server's [`Registry`] (its name, peer, admin flag),
-//! which `hello`, `sessions`, `locks`, deadlock answers and `kill` read; its [`Registration`]
-//! goes with it.
+//! The session is also registered in the server's [`Registry`] (its name, peer, admin flag,
+//! grace), which `hello`, `sessions`, `locks`, deadlock answers and `kill` read; its
+//! [`Registration`] goes with it.
+//!
+//! A resumable session (one that asked for a grace period) outlives its connection: when the
+//! connection drops, the connection parks it in [`Suspensions`], and [`ClientSession::resume`]
+//! hands it to the next connection that presents its secret.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -22,15 +26,22 @@ use std::time::Duration;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
+use crate::auth::Secret;
 use crate::lock::{Grant, Key, LockError, LockManager, LockMode, Session, SessionId, Taken};
 use crate::log_limit::LogLimit;
 use crate::protocol::{Command, NamedMember, Reply, Request, ServiceError, SessionInfo};
-use crate::registry::{Registration, Registry};
+use crate::registry::{ClaimRefused, Registration, Registry, Resumable};
 use crate::store::Store;
+use crate::suspension::Suspensions;
 
 /// Longest an administrator's `kill` waits for the target's connection to release the session
 /// before closing it in the lock manager itself.
 pub const KILL_RELEASE_LIMIT: Duration = Duration::from_secs(10);
+
+/// Longest a `resume` waits for the connection it takes a session over from to hand the session
+/// over. That connection first lets its request in progress settle (at most 10 s, see
+/// `connection`), so this is a little longer.
+pub const TAKEOVER_LIMIT: Duration = Duration::from_secs(15);
 
 /// What a session needs from the server.
 #[derive(Clone)]
@@ -45,6 +56,11 @@ pub struct SessionContext {
     pub registry: Registry,
     /// Keeps deadlock log lines to about one a second under a storm of them.
     pub deadlock_log: Arc<Mutex<LogLimit>>,
+    /// Resumable sessions whose connection dropped.
+    pub suspensions: Suspensions,
+    /// Longest grace period a session may ask for (`--max-session-grace`); longer requests get
+    /// this.
+    pub max_session_grace: Duration,
 }
 
 /// Who the client of a new session is, as the connection learned it before the upgrade.
@@ -91,6 +107,119 @@ impl ClientSession {
         self.registration.killed()
     }
 
+    /// Cancelled when a `resume` on another connection takes this session over; the connection
+    /// then hands the session over and closes.
+    pub fn detached(&self) -> &CancellationToken {
+        self.registration.detached()
+    }
+
+    /// Its grace period and resume secret, if it asked for a grace period.
+    pub fn resumable(&self) -> Option<Resumable> {
+        self.context.registry.resumable(self.id())
+    }
+
+    /// Marks it suspended in the registry (its connection dropped).
+    pub fn mark_suspended(&self) {
+        self.registration.suspend();
+    }
+
+    /// Its connection dropped: a resumable session is suspended — parked with its locks for its
+    /// grace period — and its grace returned; any other session (or one that cannot be parked:
+    /// killed, too many suspended) is released. `withdrew_wait` says whether the connection
+    /// withdrew its lock wait.
+    pub fn suspend_or_release(self, withdrew_wait: bool) -> Option<Duration> {
+        let resumable = self.resumable()?;
+        let suspensions = self.context.suspensions.clone();
+        suspensions
+            .park(self, resumable.grace, withdrew_wait)
+            .then_some(resumable.grace)
+    }
+
+    /// Attaches it to a new connection from `client` after a `resume`.
+    pub fn attach(&mut self, client: &Client) {
+        self.registration.attach(client.peer, client.admin);
+    }
+
+    /// The answer to a `resume` that attached this session: as `hello`'s, plus every key it holds
+    /// with its token.
+    pub fn resumed_reply(&self) -> Reply {
+        Reply::Hello {
+            session: self.id(),
+            name: self.context.registry.name(self.id()),
+            resumable: self.resumable().map(|r| (r.grace, r.secret)),
+            held: Some(self.context.locks.held_tokens(&self.session)),
+        }
+    }
+
+    /// Carries out `resume` of session `target` with `secret` for this connection, whose own
+    /// session (`self`) must hold nothing and wait for nothing. Returns the resumed session,
+    /// which the connection adopts in place of its own. A suspended session is taken at once; a
+    /// connected one is taken over: its connection is told to hand it over (see
+    /// [`detached`](Self::detached)) and this waits for it, at most [`TAKEOVER_LIMIT`].
+    ///
+    /// # Errors
+    /// `session_expired` if `target` is not open, `forbidden` for a wrong secret or a session
+    /// that never asked for a grace period (the session is not disturbed), `bad_request` if this
+    /// connection already holds or waits for locks, `not_found` if the takeover did not complete
+    /// in time.
+    pub async fn resume(
+        &self,
+        target: SessionId,
+        secret: &Secret,
+    ) -> Result<ClientSession, ServiceError> {
+        if target == self.id() {
+            return Err(ServiceError::BadRequest(format!(
+                "this connection already is session {target}"
+            )));
+        }
+        let own = self.context.locks.session_summaries(&[self.id()]).pop();
+        if let Some(Some((held, waiting_for))) = own {
+            if held > 0 || waiting_for.is_some() {
+                return Err(ServiceError::BadRequest(
+                    "resume must come before this connection takes any lock".into(),
+                ));
+            }
+        }
+        let deadline = tokio::time::Instant::now() + TAKEOVER_LIMIT;
+        loop {
+            let arrivals = self.context.suspensions.arrivals();
+            tokio::pin!(arrivals);
+            arrivals.as_mut().enable();
+            // Checked on every round: a concurrent resume may have attached the session to
+            // another connection since, which this one then takes over in turn.
+            let claim = match self.context.registry.claim(target, secret) {
+                Ok(claim) => claim,
+                Err(ClaimRefused::NotOpen) => return Err(expired(target)),
+                Err(ClaimRefused::NotResumable) => {
+                    return Err(ServiceError::Forbidden(format!(
+                        "session {target} did not ask for a grace period: it cannot be resumed"
+                    )))
+                }
+                Err(ClaimRefused::WrongSecret) => {
+                    tracing::info!(session = %target, "resume refused: wrong secret");
+                    return Err(ServiceError::Forbidden(format!(
+                        "wrong resume secret for session {target}"
+                    )));
+                }
+            };
+            if let Some(session) = self.context.suspensions.unpark(target) {
+                return Ok(session);
+            }
+            if let Some(detach) = claim.detach {
+                detach.cancel();
+            }
+            tokio::select! {
+                () = arrivals => {}
+                () = claim.gone.cancelled() => return Err(expired(target)),
+                () = tokio::time::sleep_until(deadline) => {
+                    return Err(ServiceError::NotFound(format!(
+                        "session {target} was not handed over by its connection within {TAKEOVER_LIMIT:?}; try again"
+                    )))
+                }
+            }
+        }
+    }
+
     /// Withdraws this session's request if it is waiting for a lock (it then fails with
     /// `cancelled`). Returns whether one was withdrawn. For `cancel`, which does not wait its
     /// turn.
@@ -134,20 +263,41 @@ impl ClientSession {
                     taken_at: tokio::time::Instant::now().into_std(),
                     sessions: self.context.locks.session_count(),
                     names: self.context.registry.names(),
+                    suspended: self
+                        .context
+                        .registry
+                        .suspended()
+                        .into_iter()
+                        .map(|(id, at)| (id, at.into_std()))
+                        .collect(),
                     more,
                     limit: *limit,
                 })
             }
             Command::Session => Ok(Reply::Session(self.id())),
-            Command::Hello { name } => {
+            Command::Hello { name, grace } => {
                 if let Some(name) = name {
                     self.context.registry.set_name(self.id(), name.clone());
                 }
+                let resumable = match grace {
+                    Some(grace) => self
+                        .context
+                        .registry
+                        .set_grace(self.id(), (*grace).min(self.context.max_session_grace)),
+                    None => self.resumable(),
+                };
                 Ok(Reply::Hello {
                     session: self.id(),
                     name: self.context.registry.name(self.id()),
+                    resumable: resumable.map(|r| (r.grace, r.secret)),
+                    held: None,
                 })
             }
+            // The connection carries `resume` out itself, since it changes the connection's
+            // session (see `connection`); it never reaches here.
+            Command::Resume { .. } => Err(ServiceError::BadRequest(
+                "resume is carried out by the connection".into(),
+            )),
             Command::Sessions { limit } => {
                 let (sessions, more) = self.sessions(*limit);
                 Ok(Reply::Sessions { sessions, more })
@@ -194,6 +344,10 @@ impl ClientSession {
                     .unwrap_or(u64::MAX),
                     held,
                     waiting_for,
+                    suspended_ms: listed.suspended_at.map(|at| {
+                        u64::try_from(now.saturating_duration_since(at).as_millis())
+                            .unwrap_or(u64::MAX)
+                    }),
                 })
             })
             .collect();
@@ -216,6 +370,9 @@ impl ClientSession {
             return Err(ServiceError::NotFound(format!("no open session {target}")));
         };
         tracing::info!(admin = %self.id(), session = %target, "session killed by an administrator");
+        // A suspended session has no connection to release it: release it here. (One being
+        // parked right now sees the kill and is released instead; see `Suspensions::park`.)
+        self.context.suspensions.release(target);
         // Killing itself, the session is released after this answer; waiting here would wait
         // for this very request.
         if target != self.id()
@@ -374,4 +531,11 @@ impl ClientSession {
     fn give_back(&self, taken: &Taken) {
         let _ = self.context.locks.give_back(&self.session, taken);
     }
+}
+
+/// `session_expired` for `target`.
+fn expired(target: SessionId) -> ServiceError {
+    ServiceError::SessionExpired(format!(
+        "session {target} is not open: its grace ran out, it was released or killed, or the server restarted"
+    ))
 }

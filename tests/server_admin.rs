@@ -15,7 +15,7 @@ use locksmith::server::{refuse_open_exposure, ServerSettings};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::MaybeTlsStream;
-use wire::{connect_with, http_get, refused_status, settings, start, Client, BOUND};
+use wire::{connect_with, http_get, refused_status, settings, start, BOUND};
 
 const TOKEN: &str = "s3cret-token";
 const ADMIN: &str = "r00t-token";
@@ -29,24 +29,6 @@ fn with_admin() -> ServerSettings {
     ServerSettings {
         admin_token: secret(ADMIN),
         ..settings()
-    }
-}
-
-/// Reads until the close frame and returns its code and reason.
-async fn close_frame(client: &mut Client) -> (u16, String) {
-    let deadline = tokio::time::Instant::now() + BOUND;
-    loop {
-        let frame = tokio::time::timeout_at(deadline, client.ws.next())
-            .await
-            .expect("a close frame in time");
-        match frame {
-            Some(Ok(Message::Close(Some(frame)))) => {
-                return (u16::from(frame.code), frame.reason.to_string())
-            }
-            Some(Ok(Message::Text(text))) => panic!("unexpected answer before the close: {text}"),
-            Some(Ok(_)) => {}
-            other => panic!("expected a close frame, got {other:?}"),
-        }
     }
 }
 
@@ -478,7 +460,7 @@ async fn a_kill_during_a_commit_releases_the_keys_only_after_the_commit() {
     );
     let answer = target.recv().await;
     assert_eq!(answer["code"], json!("killed"), "{answer}");
-    assert_eq!(close_frame(&mut target).await.0, 1008);
+    assert_eq!(target.close_frame().await.0, 1008);
     assert_eq!(other.recv().await["success"], json!(true));
     let read = other
         .ok(json!({"command": "read", "keys": ["k"], "hold_lock": true}))
@@ -536,7 +518,7 @@ async fn an_admin_may_kill_its_own_session() {
         .request(json!({"command": "kill", "session": admin.session, "id": 1}))
         .await;
     assert_eq!(answer, json!({"success": true, "id": 1}));
-    assert_eq!(close_frame(&mut admin).await.0, 1008);
+    assert_eq!(admin.close_frame().await.0, 1008);
     server.wait_idle().await;
     server.stop().await;
 }

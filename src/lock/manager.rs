@@ -243,6 +243,20 @@ impl LockManager {
         self.lock().table.held_keys(session.id)
     }
 
+    /// Every key the session holds, sorted, with the fencing token it holds it under.
+    pub fn held_tokens(&self, session: &Session) -> Vec<(Key, FencingToken)> {
+        let state = self.lock();
+        state
+            .table
+            .held_keys(session.id)
+            .into_iter()
+            .filter_map(|key| {
+                let (_, token) = state.table.held_mode(session.id, &key)?;
+                Some((key, token))
+            })
+            .collect()
+    }
+
     /// The number of open sessions.
     pub fn session_count(&self) -> usize {
         self.lock().table.session_count()

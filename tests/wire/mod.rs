@@ -126,6 +126,23 @@ impl Server {
         self.running.registry()
     }
 
+    /// The server's suspended sessions.
+    pub fn suspensions(&self) -> &locksmith::suspension::Suspensions {
+        self.running.suspensions()
+    }
+
+    /// Waits until `session` is suspended (its connection dropped; it keeps its locks).
+    pub async fn wait_suspended(&self, session: &str) {
+        let registry = self.registry().clone();
+        wait_until(&format!("session {session} suspended"), move || {
+            registry
+                .suspended()
+                .keys()
+                .any(|id| id.to_string() == session)
+        })
+        .await;
+    }
+
     /// A snapshot of the lock table.
     pub fn snapshot(&self) -> Snapshot {
         self.locks().snapshot()
@@ -350,6 +367,51 @@ impl Client {
                 None | Some(Err(_)) => return None,
             }
         }
+    }
+
+    /// Reads until the close frame (an answer before it fails the test) and returns its code and
+    /// reason, within [`BOUND`].
+    pub async fn close_frame(&mut self) -> (u16, String) {
+        let deadline = tokio::time::Instant::now() + BOUND;
+        loop {
+            let frame = tokio::time::timeout_at(deadline, self.ws.next())
+                .await
+                .expect("a close frame in time");
+            match frame {
+                Some(Ok(Message::Close(Some(frame)))) => {
+                    return (u16::from(frame.code), frame.reason.to_string())
+                }
+                Some(Ok(Message::Text(text))) => {
+                    panic!("unexpected answer before the close: {text}")
+                }
+                Some(Ok(_)) => {}
+                other => panic!("expected a close frame, got {other:?}"),
+            }
+        }
+    }
+
+    /// Makes this connection's session resumable with a grace of `grace_ms` (`hello`); returns
+    /// its resume secret.
+    pub async fn ask_grace(&mut self, grace_ms: u64) -> String {
+        let answer = self
+            .ok(json!({"command": "hello", "grace_ms": grace_ms}))
+            .await;
+        answer["resume_secret"]
+            .as_str()
+            .unwrap_or_else(|| panic!("a resume secret in {answer}"))
+            .to_owned()
+    }
+
+    /// Sends `resume` of `session` with `secret` and returns the answer (on success this
+    /// connection's session becomes `session`).
+    pub async fn resume(&mut self, session: &str, secret: &str) -> Value {
+        let answer = self
+            .request(json!({"command": "resume", "session": session, "secret": secret}))
+            .await;
+        if answer["success"] == json!(true) {
+            self.session = session.to_owned();
+        }
+        answer
     }
 
     /// Closes the connection cleanly (close frame, then waits for the server's reply).
