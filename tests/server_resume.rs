@@ -3,15 +3,22 @@
 //! back — or, once the grace has run out, finds it released.
 //!
 //! A dropped connection here is a socket dropped without a close frame (the server reads end of
-//! stream without the closing handshake), which is what a network blip looks like to the server.
+//! stream without the closing handshake), or, through the TCP proxy of `tests/proxy`, a
+//! connection reset on both sides (a network blip) or a path that stops carrying bytes (a
+//! half-dead socket).
 
+mod proxy;
 mod wire;
 
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use locksmith::auth::Secret;
 use locksmith::server::ServerSettings;
-use serde_json::json;
+use proxy::Proxy;
+use serde_json::{json, Value};
 use wire::{settings, start, wait_until, Client};
 
 /// A grace longer than any test: a session dropped in these tests expires only when a test
@@ -401,4 +408,181 @@ async fn shutdown_releases_the_suspended_sessions() {
         locks.snapshot().is_empty() && locks.session_count() == 0
     })
     .await;
+}
+
+#[tokio::test]
+async fn a_blip_that_resets_the_connection_suspends_the_session_and_resume_through_the_network_gets_it_back(
+) {
+    let server = start(settings()).await;
+    let proxy = Proxy::start(server.addr).await;
+    let mut holder = Client::connect(&proxy.url()).await;
+    holder.learn_session().await;
+    let secret = holder.ask_grace(LONG_GRACE_MS).await;
+    let granted = holder.lock(&["k"], "write").await;
+    let session = holder.session.clone();
+    let mut rival = server.connect().await;
+    rival
+        .send(json!({"command": "lock", "keys": ["k"], "id": "r"}))
+        .await;
+    server.wait_queued(&rival.session, "k").await;
+
+    assert_eq!(proxy.cut(), 1);
+    server.wait_suspended(&session).await;
+    assert!(wire::queued(&server.snapshot(), &rival.session, "k"));
+    let mut back = Client::connect(&proxy.url()).await;
+    let resumed = back.resume(&session, &secret).await;
+    assert_eq!(resumed["tokens"], granted["tokens"], "{resumed}");
+    back.unlock(&["k"]).await;
+    assert_eq!(rival.recv().await["id"], json!("r"));
+}
+
+#[tokio::test]
+async fn resume_takes_over_a_half_dead_connection_without_waiting_for_it() {
+    let server = start(settings()).await;
+    let proxy = Proxy::start(server.addr).await;
+    let mut old = Client::connect(&proxy.url()).await;
+    old.learn_session().await;
+    let secret = old.ask_grace(LONG_GRACE_MS).await;
+    let granted = old.lock(&["k"], "write").await;
+    let session = old.session.clone();
+
+    // The path stops carrying bytes: neither side sees an error, the server still thinks the old
+    // connection is alive (no idle timeout here), and the takeover's last words to it cannot be
+    // delivered.
+    proxy.stall();
+    let mut new = Client::connect(&proxy.url()).await;
+    let resumed = new.resume(&session, &secret).await;
+    assert_eq!(resumed["success"], json!(true), "{resumed}");
+    assert_eq!(resumed["tokens"], granted["tokens"]);
+    new.unlock(&["k"]).await;
+    assert!(wire::holders(&server.snapshot(), "k").is_empty());
+    proxy.cut();
+}
+
+/// How many sessions [`a_thousand_sessions_suspended_and_resumed_at_once_lose_and_duplicate_no_lock`]
+/// drops and resumes at once.
+const MANY: usize = 1000;
+
+/// An exclusion counter kept by the clients themselves, independent of the server: each client
+/// adds one while it believes it holds a key's exclusive lock. Two at once is a duplicated lock.
+#[derive(Clone, Default)]
+struct Exclusion(Arc<HashMap<String, AtomicI32>>);
+
+impl Exclusion {
+    fn new(keys: &[String]) -> Self {
+        Exclusion(Arc::new(
+            keys.iter()
+                .map(|k| (k.clone(), AtomicI32::new(0)))
+                .collect(),
+        ))
+    }
+
+    fn enter(&self, key: &str) {
+        let before = self.0[key].fetch_add(1, Ordering::SeqCst);
+        assert_eq!(before, 0, "two holders of {key} at once");
+    }
+
+    fn leave(&self, key: &str) {
+        self.0[key].fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_sessions_suspended_and_resumed_at_once_lose_and_duplicate_no_lock() {
+    // Each of the MANY holders and rivals is a socket on each side in this process, and each
+    // holder two more in the proxy.
+    rlimit::increase_nofile_limit(u64::MAX).expect("raise the open-file limit");
+    let server = start(settings()).await;
+    let proxy = Proxy::start(server.addr).await;
+    let keys: Vec<String> = (0..MANY).map(|i| format!("k{i}")).collect();
+    let exclusion = Exclusion::new(&keys);
+
+    // Every holder takes its key through the proxy, with a grace; every rival queues behind it
+    // on a direct connection.
+    let mut holders = Vec::with_capacity(MANY);
+    for key in &keys {
+        let mut holder = Client::connect(&proxy.url()).await;
+        holder.learn_session().await;
+        let secret = holder.ask_grace(LONG_GRACE_MS).await;
+        let token = holder.lock(&[key], "write").await["tokens"][key].clone();
+        exclusion.enter(key);
+        holders.push((holder, secret, token));
+    }
+    let mut rivals = Vec::with_capacity(MANY);
+    for key in &keys {
+        let mut rival = Client::connect(&server.url()).await;
+        rival
+            .send(json!({"command": "lock", "keys": [key], "id": key}))
+            .await;
+        rivals.push(rival);
+    }
+    server
+        .wait_for("every rival queued", |s| {
+            s.keys.iter().filter(|k| k.queue.len() == 1).count() == MANY
+        })
+        .await;
+
+    // The blip: every holder's connection is reset at once (the clients' own sockets go after
+    // it, so they cannot close first).
+    assert_eq!(proxy.cut(), MANY);
+    let sessions: Vec<(String, String, Value)> = holders
+        .into_iter()
+        .map(|(holder, secret, token)| (holder.session.clone(), secret, token))
+        .collect();
+    let suspensions = server.suspensions().clone();
+    wait_until("every holder suspended", || suspensions.len() == MANY).await;
+    // Meanwhile each rival keeps waiting on its connection; the rival tasks start now, and any
+    // that were granted during the blip would enter while the holder is still inside.
+    let rival_tasks: Vec<_> = rivals
+        .into_iter()
+        .zip(keys.clone())
+        .zip(sessions.iter().map(|(_, _, token)| token.clone()))
+        .map(|((mut rival, key), holder_token)| {
+            let exclusion = exclusion.clone();
+            tokio::spawn(async move {
+                let answer = rival.recv_within(Duration::from_secs(60)).await;
+                assert_eq!(answer["success"], json!(true), "{answer}");
+                exclusion.enter(&key);
+                let token = answer["tokens"][&key].as_u64().expect("a token");
+                assert!(token > holder_token.as_u64().expect("a token"), "fencing");
+                exclusion.leave(&key);
+                rival.unlock(&[&key]).await;
+            })
+        })
+        .collect();
+
+    // Every holder resumes at once through the proxy, finds its lock with its token, leaves the
+    // critical section and unlocks.
+    let holder_tasks: Vec<_> = sessions
+        .into_iter()
+        .zip(keys.clone())
+        .map(|((session, secret, token), key)| {
+            let url = proxy.url();
+            let exclusion = exclusion.clone();
+            tokio::spawn(async move {
+                let mut back = Client::connect(&url).await;
+                let resumed = back.resume(&session, &secret).await;
+                assert_eq!(resumed["success"], json!(true), "{resumed}");
+                assert_eq!(resumed["tokens"][&key], token, "the same lock");
+                exclusion.leave(&key);
+                back.unlock(&[&key]).await;
+                // A goodbye, not another blip: the session ends here.
+                back.close().await;
+            })
+        })
+        .collect();
+    for task in holder_tasks.into_iter().chain(rival_tasks) {
+        tokio::time::timeout(Duration::from_secs(60), task)
+            .await
+            .expect("in time")
+            .expect("no assertion failed");
+    }
+    let counts = suspensions.counts();
+    assert_eq!(
+        (counts.suspended, counts.resumed, counts.expired),
+        (MANY as u64, MANY as u64, 0)
+    );
+    server
+        .wait_for("every key free", |s| s.keys.is_empty())
+        .await;
 }
