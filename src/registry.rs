@@ -355,4 +355,51 @@ mod tests {
         registry.set_name(a, "two".into());
         assert_eq!(registry.name(a), Some("two".into()));
     }
+
+    #[tokio::test]
+    async fn a_resume_secret_is_drawn_once_and_a_claim_is_refused_for_the_right_reason() {
+        let registry = Registry::new();
+        let a = SessionId::from_u128(1);
+        let mut registration = registry.register(a, peer(), None, false);
+        let secret = |s: &str| Secret::client_token(s.to_owned());
+        assert_eq!(
+            registry.claim(a, &secret("x")).err(),
+            Some(ClaimRefused::NotResumable)
+        );
+        assert_eq!(
+            registry.claim(SessionId::from_u128(9), &secret("x")).err(),
+            Some(ClaimRefused::NotOpen)
+        );
+        let first = registry
+            .set_grace(a, Duration::from_secs(5))
+            .expect("resumable");
+        assert_eq!(first.secret.reveal().len(), 32);
+        let second = registry
+            .set_grace(a, Duration::from_secs(1))
+            .expect("resumable");
+        assert_eq!(second.secret, first.secret, "drawn once");
+        assert_eq!(second.grace, Duration::from_secs(1));
+        assert_eq!(
+            registry.claim(a, &secret("0")).err(),
+            Some(ClaimRefused::WrongSecret)
+        );
+        // Connected: the claim carries the connection's detach handle (takeover).
+        let claim = registry.claim(a, &first.secret).expect("the right secret");
+        let detach = claim.detach.expect("connected");
+        detach.cancel();
+        assert!(registration.detached().is_cancelled());
+        // Suspended: nothing to detach. Attached again: a fresh handle.
+        registration.suspend();
+        assert!(registry.suspended().contains_key(&a));
+        let claim = registry.claim(a, &first.secret).expect("the right secret");
+        assert!(claim.detach.is_none());
+        registration.attach(peer(), false);
+        assert!(!registration.detached().is_cancelled());
+        assert!(registry.suspended().is_empty());
+        assert!(registry.set_grace(a, Duration::ZERO).is_none());
+        assert_eq!(
+            registry.claim(a, &first.secret).err(),
+            Some(ClaimRefused::NotResumable)
+        );
+    }
 }

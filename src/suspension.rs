@@ -227,3 +227,88 @@ impl Suspensions {
             .unwrap_or_else(PoisonError::into_inner)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::lock::{LockManager, LockManagerConfig};
+    use crate::log_limit::LogLimit;
+    use crate::registry::Registry;
+    use crate::session::{Client, SessionContext};
+    use crate::store::MemoryStore;
+
+    fn context(suspensions: &Suspensions) -> SessionContext {
+        SessionContext {
+            locks: LockManager::new(LockManagerConfig::default()),
+            store: Arc::new(MemoryStore::new()),
+            default_timeout: Duration::from_secs(1),
+            registry: Registry::new(),
+            deadlock_log: Arc::new(Mutex::new(LogLimit::new(Duration::from_secs(1)))),
+            suspensions: suspensions.clone(),
+            max_session_grace: Duration::from_secs(30),
+        }
+    }
+
+    fn client() -> Client {
+        Client {
+            peer: SocketAddr::from(([127, 0, 0, 1], 4000)),
+            name: None,
+            admin: false,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_grace_timer_that_lost_to_a_resume_never_releases_a_later_suspension() {
+        let suspensions = Suspensions::new(10);
+        let context = context(&suspensions);
+        let session = ClientSession::open(context.clone(), client());
+        let id = session.id();
+        assert!(suspensions.park(session, Duration::from_millis(100), false));
+        let first = suspensions.parked()[&id].generation;
+        let session = suspensions.unpark(id).expect("parked");
+        assert!(suspensions.park(session, Duration::from_secs(10), true));
+        // The first suspension's timer, had it fired after losing the race, finds a later
+        // generation and leaves the session alone.
+        suspensions.expire(id, first);
+        assert_eq!(suspensions.len(), 1);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(suspensions.len(), 1, "the first timer was stopped");
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert!(suspensions.is_empty(), "the second grace ran out");
+        assert_eq!(
+            context.locks.session_count(),
+            0,
+            "and the session was released"
+        );
+        let counts = suspensions.counts();
+        assert_eq!(
+            (
+                counts.suspended,
+                counts.resumed,
+                counts.expired,
+                counts.withdrawn_waits
+            ),
+            (2, 1, 1, 1)
+        );
+    }
+
+    #[tokio::test]
+    async fn over_the_limit_or_killed_a_dropped_session_is_released_instead() {
+        let suspensions = Suspensions::new(1);
+        let context = context(&suspensions);
+        let first = ClientSession::open(context.clone(), client());
+        assert!(suspensions.park(first, Duration::from_secs(60), false));
+        let second = ClientSession::open(context.clone(), client());
+        assert!(!suspensions.park(second, Duration::from_secs(60), false));
+        assert_eq!(suspensions.counts().refused_over_limit, 1);
+        suspensions.release_all();
+        let killed = ClientSession::open(context.clone(), client());
+        context.registry.kill(killed.id());
+        assert!(!suspensions.park(killed, Duration::from_secs(60), false));
+        assert!(suspensions.is_empty());
+        assert_eq!(context.locks.session_count(), 0);
+    }
+}

@@ -75,7 +75,7 @@ async fn a_suspended_session_is_released_when_its_grace_runs_out_and_a_late_resu
     let server = start(settings()).await;
     let mut holder = server.connect().await;
     let secret = holder.ask_grace(300).await;
-    holder.lock(&["k"], "write").await;
+    let granted = holder.lock(&["k"], "write").await;
     let session = holder.session.clone();
     let mut rival = server.connect().await;
     rival
@@ -85,9 +85,11 @@ async fn a_suspended_session_is_released_when_its_grace_runs_out_and_a_late_resu
 
     drop(holder);
     server.wait_suspended(&session).await;
-    // Granted only when the grace has run out: the answer is the release, not a timeout.
+    // Granted only when the grace has run out: the answer is the release, not a timeout. The
+    // next holder's fencing token is higher.
     let answer = rival.recv().await;
     assert_eq!(answer["success"], json!(true), "{answer}");
+    assert!(answer["tokens"]["k"].as_u64() > granted["tokens"]["k"].as_u64());
     assert!(!wire::mentions(&server.snapshot(), &session));
     assert_eq!(server.suspensions().counts().expired, 1);
 
