@@ -138,6 +138,7 @@ impl ClientSession {
     /// Attaches it to a new connection from `client` after a `resume`.
     pub fn attach(&mut self, client: &Client) {
         self.registration.attach(client.peer, client.admin);
+        self.context.suspensions.attached();
     }
 
     /// The answer to a `resume` that attached this session: as `hello`'s, plus every key it holds
@@ -182,9 +183,9 @@ impl ClientSession {
         }
         let deadline = tokio::time::Instant::now() + TAKEOVER_LIMIT;
         loop {
-            let arrivals = self.context.suspensions.arrivals();
-            tokio::pin!(arrivals);
-            arrivals.as_mut().enable();
+            let changes = self.context.suspensions.changes();
+            tokio::pin!(changes);
+            changes.as_mut().enable();
             // Checked on every round: a concurrent resume may have attached the session to
             // another connection since, which this one then takes over in turn.
             let claim = match self.context.registry.claim(target, secret) {
@@ -209,7 +210,7 @@ impl ClientSession {
                 detach.cancel();
             }
             tokio::select! {
-                () = arrivals => {}
+                () = changes => {}
                 () = claim.gone.cancelled() => return Err(expired(target)),
                 () = tokio::time::sleep_until(deadline) => {
                     return Err(ServiceError::NotFound(format!(

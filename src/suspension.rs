@@ -34,8 +34,10 @@ struct Shared {
     /// at once (suspended sessions hold no connection, so `--max-connections` does not bound
     /// them).
     limit: usize,
-    /// Notified whenever a session is parked: a takeover waits for the session it detached.
-    arrived: Notify,
+    /// Notified whenever a session is parked or attached to a new connection: a `resume`
+    /// waiting for a takeover checks again (the session it wants may now be parked, or attached
+    /// to another resuming connection, which it then takes over in turn).
+    changed: Notify,
     /// Generations of parked entries.
     next_generation: AtomicU64,
     /// What happened so far, for the logs, tests and metrics.
@@ -85,7 +87,7 @@ impl Suspensions {
             shared: Arc::new(Shared {
                 parked: Mutex::new(HashMap::new()),
                 limit,
-                arrived: Notify::new(),
+                changed: Notify::new(),
                 next_generation: AtomicU64::new(0),
                 counts: Counts::default(),
             }),
@@ -140,7 +142,7 @@ impl Suspensions {
                 .withdrawn_waits
                 .fetch_add(1, Ordering::Relaxed);
         }
-        self.shared.arrived.notify_waiters();
+        self.shared.changed.notify_waiters();
         true
     }
 
@@ -173,11 +175,16 @@ impl Suspensions {
         }
     }
 
-    /// Waits until some session is parked after this call (or `limit` passes). To wait for a
-    /// particular one without missing it, call this before checking and await after:
-    /// [`Notify::notified`] registers on its first poll, so the caller pins and enables it.
-    pub fn arrivals(&self) -> tokio::sync::futures::Notified<'_> {
-        self.shared.arrived.notified()
+    /// Resolves when some session is parked or attached after this call. To wait for a
+    /// particular change without missing it, create this before checking and await it after,
+    /// pinned and enabled ([`Notify::notified`] registers on its first poll).
+    pub fn changes(&self) -> tokio::sync::futures::Notified<'_> {
+        self.shared.changed.notified()
+    }
+
+    /// Tells the waiting `resume`s that a session was attached to a new connection.
+    pub fn attached(&self) {
+        self.shared.changed.notify_waiters();
     }
 
     /// How many sessions are suspended.

@@ -19,6 +19,7 @@ use locksmith::auth::Secret;
 use locksmith::server::ServerSettings;
 use proxy::Proxy;
 use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::Message;
 use wire::{settings, start, wait_until, Client};
 
 /// A grace longer than any test: a session dropped in these tests expires only when a test
@@ -265,6 +266,42 @@ async fn resume_of_a_session_still_connected_takes_it_over_and_closes_the_old_so
     // One live connection for the session: the new one serves it.
     new.unlock(&["k"]).await;
     assert!(wire::holders(&server.snapshot(), "k").is_empty());
+}
+
+#[tokio::test]
+async fn two_resumes_of_one_session_at_once_leave_exactly_one_connection_serving_it() {
+    let server = start(settings()).await;
+    let mut holder = server.connect().await;
+    let secret = holder.ask_grace(LONG_GRACE_MS).await;
+    let granted = holder.lock(&["k"], "write").await;
+    let session = holder.session.clone();
+    drop(holder);
+    server.wait_suspended(&session).await;
+
+    let mut first = Client::connect(&server.url()).await;
+    let mut second = Client::connect(&server.url()).await;
+    let (a, b) = tokio::join!(
+        first.resume(&session, &secret),
+        second.resume(&session, &secret)
+    );
+    // Both succeed: whichever came second took the session over from the first.
+    assert_eq!(a["tokens"], granted["tokens"], "{a}");
+    assert_eq!(b["tokens"], granted["tokens"], "{b}");
+    let mut serving = 0;
+    for client in [&mut first, &mut second] {
+        client.send(json!({"command": "ping", "id": "p"})).await;
+        match client.recv_frame().await {
+            Some(Ok(Message::Text(text))) => {
+                let answer: Value = serde_json::from_str(text.as_str()).expect("JSON");
+                assert_eq!(answer["success"], json!(true), "{answer}");
+                serving += 1;
+            }
+            Some(Ok(Message::Close(Some(frame)))) => assert_eq!(u16::from(frame.code), 1008),
+            other => panic!("expected an answer or a close frame, got {other:?}"),
+        }
+    }
+    assert_eq!(serving, 1, "one live connection per session");
+    assert_eq!(wire::holders(&server.snapshot(), "k")[0].0, session);
 }
 
 #[tokio::test]

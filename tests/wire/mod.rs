@@ -302,6 +302,21 @@ impl Client {
         }
     }
 
+    /// The next frame other than a ping or pong, as it came, within [`BOUND`].
+    pub async fn recv_frame(
+        &mut self,
+    ) -> Option<Result<Message, tokio_tungstenite::tungstenite::Error>> {
+        let deadline = tokio::time::Instant::now() + BOUND;
+        loop {
+            let frame = tokio::time::timeout_at(deadline, self.ws.next())
+                .await
+                .expect("a frame in time");
+            if !matches!(frame, Some(Ok(Message::Ping(_) | Message::Pong(_)))) {
+                return frame;
+            }
+        }
+    }
+
     /// The next answer, within [`BOUND`].
     pub async fn recv(&mut self) -> Value {
         self.recv_within(BOUND).await
