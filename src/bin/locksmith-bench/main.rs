@@ -16,6 +16,7 @@
 //!   `locks` until A is queued on k2; then B requests k1, which closes the cycle, and the time
 //!   from sending that request to receiving its `deadlock` answer is measured. B then unlocks k2,
 //!   A gets it and unlocks both, and the round starts again.
+//! - `blip`: resumable sessions through a network blip; see the `blip` module.
 //! - `idle`: opens the connections, pings once on each, then stays idle (still answering the
 //!   server's keepalive pings) for the duration and reports how many are still open. With
 //!   `--server-pid` it reads the server's `VmRSS` before and after, for the memory per connection.
@@ -33,6 +34,8 @@
 //! `Client::request`, as the typed methods send no `timeout_ms`).
 //!
 //! Nothing the network can do panics the generator: failures are counted and printed.
+
+mod blip;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -156,6 +159,7 @@ enum Mix {
     Write,
     Mixed,
     Deadlock,
+    Blip,
     Idle,
 }
 
@@ -409,7 +413,7 @@ impl Worker {
                     1 => self.read(measure).await,
                     _ => self.write(measure).await,
                 },
-                Mix::Deadlock | Mix::Idle => return (self.stats, Some(self.conn)),
+                Mix::Deadlock | Mix::Blip | Mix::Idle => return (self.stats, Some(self.conn)),
             };
             if let Err(failure) = step {
                 self.stats.error(failure.to_string());
@@ -489,6 +493,7 @@ async fn run(args: Args) -> Result<(), String> {
     match args.mix {
         Mix::Idle => idle(args).await,
         Mix::Deadlock => deadlock(args).await,
+        Mix::Blip => blip::blip(args).await,
         _ => request_mix(args).await,
     }
 }
