@@ -340,6 +340,10 @@ impl Client {
                 "a request must be a JSON object".into(),
             ));
         };
+        if self.is_lost() {
+            // The driver may still be saying goodbye to the server; don't queue behind that.
+            return Err(self.ending.error());
+        }
         let (answer, answered) = oneshot::channel();
         if self.orders.send(Order::Call { request, answer }).is_err() {
             return Err(self.ending.error());
