@@ -8,79 +8,20 @@
 //! a network path dies). So the client is checked against the wire contract alone, whatever the
 //! real server does.
 
+mod fake;
+
 use std::time::Duration;
 
-use futures_util::{poll, SinkExt, StreamExt};
+use fake::{
+    accept, answer, answer_resume, fake_server, next_request, refuse, resume_request, Ws, BOUND,
+};
+use futures_util::{poll, StreamExt};
 use locksmith::client::{Client, ClientError};
 use locksmith::lock::LockMode::Exclusive;
 use serde_json::{json, Value};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::WebSocketStream;
-
-/// How long any single expected event may take before the test fails.
-const BOUND: Duration = Duration::from_secs(10);
-
-/// The resume secret the fake server hands out.
-const SECRET: &str = "0123456789abcdef0123456789abcdef";
-
-/// The fake server's side of one connection.
-type Ws = WebSocketStream<TcpStream>;
-
-/// A listener on a loopback port for the fake server, and its WebSocket URL.
-async fn fake_server() -> (String, TcpListener) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    (format!("ws://{addr}/ws"), listener)
-}
-
-/// Accepts the client's next connection.
-async fn accept(listener: &TcpListener) -> Ws {
-    let (stream, _) = tokio::time::timeout(BOUND, listener.accept())
-        .await
-        .expect("the client connects in time")
-        .expect("accept");
-    tokio_tungstenite::accept_async(stream)
-        .await
-        .expect("handshake")
-}
-
-/// The client's next request.
-async fn next_request(ws: &mut Ws) -> Value {
-    let reading = async {
-        loop {
-            match ws.next().await {
-                Some(Ok(Message::Text(text))) => {
-                    return serde_json::from_str(text.as_str()).expect("JSON")
-                }
-                Some(Ok(_)) => {}
-                other => panic!("the client went away: {other:?}"),
-            }
-        }
-    };
-    tokio::time::timeout(BOUND, reading)
-        .await
-        .expect("a request in time")
-}
-
-/// Answers `request` successfully with `fields`.
-async fn answer(ws: &mut Ws, request: &Value, mut fields: Value) {
-    fields["id"] = request["id"].clone();
-    fields["success"] = json!(true);
-    ws.send(Message::text(fields.to_string()))
-        .await
-        .expect("answer");
-}
-
-/// Answers `request` with the error `code`.
-async fn refuse(ws: &mut Ws, request: &Value, code: &str) {
-    let refusal = json!({"id": request["id"], "success": false, "code": code, "error": code});
-    ws.send(Message::text(refusal.to_string()))
-        .await
-        .expect("answer");
-}
 
 /// A client asking for `grace` (or none), connected to the fake server, which answers its
 /// `hello` as session `s-1`, resumable with [`SECRET`] for `granted_ms` (if `Some`). Returns
@@ -98,11 +39,10 @@ async fn connected(
     let connecting = tokio::spawn(builder.connect());
     let mut ws = accept(listener).await;
     let hello = next_request(&mut ws).await;
-    let mut fields = json!({"session": "s-1", "version": "0.1.0"});
-    if let Some(granted_ms) = granted_ms {
-        fields["grace_ms"] = json!(granted_ms);
-        fields["resume_secret"] = json!(SECRET);
-    }
+    let fields = match granted_ms {
+        Some(granted_ms) => fake::resumable_hello(granted_ms),
+        None => json!({"session": "s-1", "version": "0.1.0"}),
+    };
     answer(&mut ws, &hello, fields).await;
     let client = tokio::time::timeout(BOUND, connecting)
         .await
@@ -110,22 +50,6 @@ async fn connected(
         .expect("task")
         .expect("connect");
     (client, ws, hello)
-}
-
-/// The client's first request on its new connection, checked to be a `resume` of `s-1` with
-/// [`SECRET`].
-async fn resume_request(ws: &mut Ws) -> Value {
-    let resume = next_request(ws).await;
-    assert_eq!(resume["command"], "resume", "{resume}");
-    assert_eq!(resume["session"], "s-1");
-    assert_eq!(resume["secret"], SECRET);
-    resume
-}
-
-async fn answer_resume(ws: &mut Ws, resume: &Value) {
-    let fields = json!({"session": "s-1", "version": "0.1.0", "grace_ms": 5000,
-                        "resume_secret": SECRET, "tokens": {"k": 1}});
-    answer(ws, resume, fields).await;
 }
 
 #[tokio::test]
