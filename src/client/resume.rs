@@ -31,6 +31,10 @@ use crate::auth::Secret;
 const FIRST_DELAY: Duration = Duration::from_millis(50);
 /// Longest pause between two reconnect attempts.
 const MAX_DELAY: Duration = Duration::from_secs(1);
+/// Longest one attempt may take (connect, handshake, `resume` answered): a connect whose SYN is
+/// lost in a broken network would otherwise wait for the operating system's timeout (minutes),
+/// past the grace, even if the network came back a moment later.
+const ATTEMPT_LIMIT: Duration = Duration::from_secs(2);
 
 /// What it takes to resume this client's session, as the server last told it.
 #[derive(Clone, Debug)]
@@ -175,15 +179,15 @@ pub(crate) async fn reconnect(
     loop {
         let id = *next_id;
         *next_id += 1;
-        let attempt = attempt(dialer, resumption, id);
+        let attempt = tokio::time::timeout(ATTEMPT_LIMIT, attempt(dialer, resumption, id));
         match taking_orders(attempt, deadline, orders, waiting).await {
             Err(why) => return interrupted(why),
-            Ok(Attempt::Resumed { socket, answer }) => {
+            Ok(Ok(Attempt::Resumed { socket, answer })) => {
                 watch.count_resume();
                 return Reconnected::Resumed { socket, answer };
             }
-            Ok(Attempt::Refused(error)) => return Reconnected::GaveUp(error),
-            Ok(Attempt::Failed) => {}
+            Ok(Ok(Attempt::Refused(error))) => return Reconnected::GaveUp(error),
+            Ok(Ok(Attempt::Failed) | Err(_)) => {}
         }
         let pause = backoff.delay(rand::random::<f64>());
         if let Err(why) = taking_orders(tokio::time::sleep(pause), deadline, orders, waiting).await
