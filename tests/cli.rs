@@ -7,6 +7,7 @@
 
 mod binary;
 mod fake;
+mod proxy;
 mod wire;
 
 use std::process::Stdio;
@@ -696,4 +697,43 @@ async fn lock_with_grace_terminates_the_command_when_the_session_expires_and_exi
     drop(ws);
     assert_eq!(next_line(&mut out).await, "terminated", "CMD got SIGTERM");
     assert_eq!(exit_code(&mut child).await, LOCK_LOST);
+}
+
+#[tokio::test]
+async fn lock_with_grace_keeps_the_command_running_and_the_lock_held_through_a_cut_to_the_real_server(
+) {
+    let server = start(settings()).await;
+    let proxy = proxy::Proxy::start(server.addr).await;
+    let script = "echo $LOCKSMITH_SESSION; read line; echo \"done $line\"";
+    let mut command = cli(
+        &proxy.url(),
+        &["lock", "--grace", "10s", "job", "--", "sh", "-c", script],
+    );
+    let mut child = command.stdin(Stdio::piped()).spawn().expect("spawn");
+    let mut out = stdout_lines(&mut child);
+    let session = next_line(&mut out).await;
+    // The network breaks and stays down until the server has suspended the session ...
+    proxy.refuse(true);
+    assert_eq!(proxy.cut(), 1);
+    server.wait_suspended(&session).await;
+    // ... then comes back: `locksmith` resumes the session, which still holds the lock.
+    proxy.refuse(false);
+    let registry = server.registry().clone();
+    wire::wait_until("the session resumed", || {
+        !registry
+            .suspended()
+            .keys()
+            .any(|id| id.to_string() == session)
+    })
+    .await;
+    assert_eq!(
+        holders(&server.snapshot(), "job"),
+        [(session.clone(), Exclusive)]
+    );
+    let mut stdin = child.stdin.take().expect("piped stdin");
+    stdin.write_all(b"go\n").await.expect("write");
+    assert_eq!(next_line(&mut out).await, "done go", "CMD ran on");
+    assert_eq!(exit_code(&mut child).await, 0, "CMD's status, not 13");
+    server.wait_idle().await;
+    server.stop().await;
 }

@@ -2,13 +2,16 @@
 //! grace reconnects after a lost connection and resumes its session, and gives the session up
 //! only when the server no longer has it or the grace has passed.
 //!
-//! Each test plays the server itself, step by step, on a loopback listener: it accepts the
-//! client's connections, reads its requests and answers them (`hello` with a resume secret,
-//! `resume`, `lock`, `ping`), and breaks the connection by dropping it (no close frame, as when
-//! a network path dies). So the client is checked against the wire contract alone, whatever the
-//! real server does.
+//! Most tests play the server themselves, step by step, on a loopback listener (`tests/fake`):
+//! they accept the client's connections, read its requests and answer them (`hello` with a
+//! resume secret, `resume`, `lock`, `ping`), and break the connection by dropping it (no close
+//! frame, as when a network path dies). So the client is checked against the wire contract
+//! alone. The last ones run the real server in-process, reached through a TCP proxy
+//! (`tests/proxy`) whose connections the test cuts.
 
 mod fake;
+mod proxy;
+mod wire;
 
 use std::time::Duration;
 
@@ -268,4 +271,84 @@ async fn a_session_taken_over_by_another_connection_is_not_taken_back() {
         .expect_err("no more calls");
     assert_eq!(later.code(), "taken_over");
     assert_eq!(client.resumes(), 0);
+}
+
+#[tokio::test]
+async fn a_resumable_client_keeps_its_session_and_locks_through_cut_connections_to_the_real_server()
+{
+    let server = wire::start(wire::settings()).await;
+    let proxy = proxy::Proxy::start(server.addr).await;
+    let client = tokio::time::timeout(
+        BOUND,
+        Client::builder(&proxy.url())
+            .grace(Duration::from_secs(10))
+            .connect(),
+    )
+    .await
+    .expect("in time")
+    .expect("connect");
+    assert_eq!(client.grace(), Some(Duration::from_secs(10)));
+    let session = client.session_id().to_owned();
+    let grant = client.lock(&["k"], Exclusive, None).await.expect("lock");
+    let rival = std::sync::Arc::new(wire::connect_client(&server.url()).await);
+    let waiting = {
+        let rival = rival.clone();
+        tokio::spawn(async move { rival.lock(&["k"], Exclusive, None).await })
+    };
+    server.wait_queued(rival.session_id(), "k").await;
+    for blip in 1..=2 {
+        assert_eq!(proxy.cut(), 1, "the client's one connection");
+        wire::wait_until("the client resumed", || client.resumes() == blip).await;
+        assert!(!client.is_lost());
+        // The same session still holds k, and the rival still waits for it.
+        let snapshot = server.snapshot();
+        assert_eq!(
+            wire::holders(&snapshot, "k"),
+            [(session.clone(), Exclusive)]
+        );
+        assert!(wire::queued(&snapshot, rival.session_id(), "k"));
+    }
+    client
+        .ping()
+        .await
+        .expect("served on the resumed connection");
+    client
+        .unlock(&["k"])
+        .await
+        .expect("the resumed session unlocks k");
+    let granted = tokio::time::timeout(BOUND, waiting)
+        .await
+        .expect("in time")
+        .expect("task")
+        .expect("the rival gets k");
+    assert!(granted.tokens["k"] > grant.tokens["k"]);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_resumable_client_cut_off_from_the_real_server_past_its_grace_expires_and_its_locks_go() {
+    let server = wire::start(wire::settings()).await;
+    let proxy = proxy::Proxy::start(server.addr).await;
+    let client = tokio::time::timeout(
+        BOUND,
+        Client::builder(&proxy.url())
+            .grace(Duration::from_millis(300))
+            .connect(),
+    )
+    .await
+    .expect("in time")
+    .expect("connect");
+    client.lock(&["k"], Exclusive, None).await.expect("lock");
+    proxy.refuse(true);
+    assert_eq!(proxy.cut(), 1);
+    let lost = tokio::time::timeout(BOUND, client.lost())
+        .await
+        .expect("the grace passes");
+    assert_eq!(lost.code(), "session_expired", "{lost}");
+    let rival = wire::connect_client(&server.url()).await;
+    tokio::time::timeout(BOUND, rival.lock(&["k"], Exclusive, None))
+        .await
+        .expect("in time")
+        .expect("the server released k at the end of the grace");
+    server.stop().await;
 }
