@@ -274,6 +274,36 @@ async fn a_session_taken_over_by_another_connection_is_not_taken_back() {
 }
 
 #[tokio::test]
+async fn a_session_the_server_ends_with_a_close_frame_is_not_resumed() {
+    // Only the idle timeout's close (1001) leaves a session suspended; a kill, a takeover or a
+    // connection closed for cause (here 1008) releases it, so resuming it would be pointless.
+    let (url, listener) = fake_server().await;
+    let (client, mut ws, _) =
+        connected(&url, &listener, Some(Duration::from_secs(10)), Some(10_000)).await;
+    ws.close(Some(CloseFrame {
+        code: CloseCode::Policy,
+        reason: "too many pipelined requests".into(),
+    }))
+    .await
+    .expect("close");
+    let lost = tokio::time::timeout(BOUND, client.lost())
+        .await
+        .expect("lost resolves");
+    assert_eq!(lost.code(), "connection_lost", "{lost}");
+    assert!(lost.to_string().contains("1008"), "{lost}");
+    let later = tokio::time::timeout(BOUND, client.ping())
+        .await
+        .expect("in time")
+        .expect_err("no more calls");
+    assert_eq!(later.code(), "connection_lost");
+    assert_eq!(client.resumes(), 0);
+    assert!(
+        futures_util::FutureExt::now_or_never(listener.accept()).is_none(),
+        "the client connected again"
+    );
+}
+
+#[tokio::test]
 async fn a_resumable_client_keeps_its_session_and_locks_through_cut_connections_to_the_real_server()
 {
     let server = wire::start(wire::settings()).await;

@@ -211,6 +211,9 @@ impl Link {
         // An error answer that names no call (`server_busy` before a close, `too_large`): the
         // calls still waiting fail with it rather than with a bare "connection lost".
         let mut unsolicited: Option<ClientError> = None;
+        // Whether the server said it ended the session (`shutting_down`, `killed`,
+        // `taken_over`): then the connection's end is the session's end.
+        let mut released = false;
         let mut last_poke = self.last_heard;
         loop {
             let interval = self.keepalive_interval(keepalive);
@@ -243,10 +246,10 @@ impl Link {
                 frame = self.socket.next() => {
                     self.last_heard = Instant::now();
                     last_poke = self.last_heard;
-                    let broken = |unsolicited: Option<ClientError>, reason: String| match unsolicited {
-                        Some(error @ ClientError::TakenOver(_)) => Ended { how: How::Final, error },
-                        Some(error) => Ended { how: How::Broken, error },
-                        None => Ended { how: How::Broken, error: lost(reason) },
+                    // `released`: the server has ended the session itself, so it is not resumed.
+                    let ended = |unsolicited: Option<ClientError>, reason: String, released: bool| Ended {
+                        how: if released { How::Final } else { How::Broken },
+                        error: unsolicited.unwrap_or_else(|| lost(reason)),
                     };
                     match frame {
                         Some(Ok(Message::Text(text))) => {
@@ -259,29 +262,30 @@ impl Link {
                                     };
                                 }
                             };
-                            if let Some(error) = self.answer(answer) {
+                            if let Some(error) = self.answer(answer, &mut released) {
                                 unsolicited = Some(error);
                             }
                         }
                         Some(Ok(Message::Close(frame))) => {
                             let reason = match frame {
                                 Some(frame) => {
-                                    if u16::from(frame.code) == POLICY && frame.reason.contains("resumed") {
+                                    let code = u16::from(frame.code);
+                                    if code == POLICY && frame.reason.contains("resumed") {
                                         unsolicited = Some(ClientError::TakenOver(frame.reason.to_string()));
                                     }
-                                    format!(
-                                        "the server closed the connection ({}: {})",
-                                        u16::from(frame.code),
-                                        frame.reason
-                                    )
+                                    // Only the idle timeout (1001, like a shutdown) leaves the
+                                    // session suspended; a kill, a takeover or a connection
+                                    // closed for cause releases it.
+                                    released |= code != GOING_AWAY;
+                                    format!("the server closed the connection ({code}: {})", frame.reason)
                                 }
                                 None => "the server closed the connection".into(),
                             };
-                            return broken(unsolicited, reason);
+                            return ended(unsolicited, reason, released);
                         }
                         Some(Ok(_)) => {}
-                        Some(Err(error)) => return broken(unsolicited, error.to_string()),
-                        None => return broken(unsolicited, "the connection ended".into()),
+                        Some(Err(error)) => return ended(unsolicited, error.to_string(), released),
+                        None => return ended(unsolicited, "the connection ended".into(), released),
                     }
                 }
                 () = poke => {
@@ -335,29 +339,37 @@ impl Link {
         Ok(())
     }
 
-    /// Passes `answer` to its call. Returns the error of an error answer that names no call.
-    fn answer(&mut self, answer: Value) -> Option<ClientError> {
+    /// Passes `answer` to its call. Returns the error of an error answer that names no call, or
+    /// `taken_over` (which every call still in flight gets too). Sets `released` when the
+    /// answer says the server ended the session.
+    fn answer(&mut self, answer: Value, released: &mut bool) -> Option<ClientError> {
         let succeeded = answer["success"] == Value::Bool(true);
+        let error = (!succeeded).then(|| ClientError::from_answer(&answer));
+        if let Some(
+            ClientError::ShuttingDown(_) | ClientError::Killed(_) | ClientError::TakenOver(_),
+        ) = error
+        {
+            *released = true;
+        }
         let call = answer
             .get("id")
             .and_then(Value::as_u64)
             .and_then(|id| self.pending.remove(&id));
         let Some(call) = call else {
-            return (!succeeded).then(|| ClientError::from_answer(&answer));
+            return error;
         };
-        let result = if succeeded {
-            if call.hello {
-                self.learn_resumption(&answer);
+        let result = match error {
+            None => {
+                if call.hello {
+                    self.learn_resumption(&answer);
+                }
+                Ok(answer)
             }
-            Ok(answer)
-        } else {
-            let error = ClientError::from_answer(&answer);
-            if let ClientError::TakenOver(_) = error {
-                // The connection is about to be closed; it must not be resumed.
+            Some(error @ ClientError::TakenOver(_)) => {
                 let _ = call.answer.send(Err(error.clone()));
                 return Some(error);
             }
-            Err(error)
+            Some(error) => Err(error),
         };
         // The caller may have stopped waiting; nothing to do then.
         let _ = call.answer.send(result);
@@ -388,8 +400,12 @@ impl Link {
     }
 }
 
-/// The close code of a connection the server ended by policy: a kill, or a session taken over.
+/// The close code of a connection the server ended by policy: a kill, a session taken over, too
+/// many pipelined requests.
 const POLICY: u16 = 1008;
+/// The close code of the server's idle timeout (which suspends a resumable session) and of its
+/// shutdown (which does not).
+const GOING_AWAY: u16 = 1001;
 
 fn lost(reason: String) -> ClientError {
     ClientError::ConnectionLost { reason }

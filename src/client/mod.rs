@@ -166,7 +166,9 @@ impl ClientBuilder {
     /// the connection broke still fail with [`ClientError::ConnectionLost`] (they may or may
     /// not have been carried out) and are never sent again. When the server no longer has the
     /// session, or the grace has passed since the server was last heard from, every call fails
-    /// with [`ClientError::SessionExpired`] and [`Client::lost`] resolves.
+    /// with [`ClientError::SessionExpired`] and [`Client::lost`] resolves. A session the server
+    /// ended itself (taken over, killed, shut down, closed for cause) is not resumed: the client
+    /// then ends as one without grace.
     ///
     /// While the session is resumable, a quiet connection is pinged at least four times per
     /// grace, so that a silent one is noticed while there is time left to resume.
