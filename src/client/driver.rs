@@ -159,9 +159,11 @@ struct Pending {
 
 /// How one connection ended.
 enum How {
-    /// It broke or the server closed it: a resumable session is resumed.
+    /// It broke, went silent, or the server closed it with 1001 (its idle timeout): a
+    /// resumable session is resumed.
     Broken,
-    /// It ended for good (the session was taken over, or the server sent something unreadable).
+    /// It ended for good: the server ended the session (taken over, killed, shut down, closed
+    /// for cause), or sent something unreadable.
     Final,
     /// The client closed it; acknowledge on the channel once done.
     ClosedByClient(oneshot::Sender<()>),
