@@ -32,8 +32,8 @@ impl Secret {
     }
 
     /// The secret's text. This is the one place a secret is revealed: the client calls it to
-    /// build the `Authorization: Bearer` header it sends, and nothing else should. Never format,
-    /// print or log what it returns.
+    /// build the `Authorization: Bearer` header it sends and the `resume` request of a
+    /// resumable session, and nothing else should. Never format, print or log what it returns.
     pub fn reveal(&self) -> &str {
         &self.0
     }

@@ -6,6 +6,8 @@
 //! the server runs it as a process too.
 
 mod binary;
+mod fake;
+mod proxy;
 mod wire;
 
 use std::process::Stdio;
@@ -639,5 +641,99 @@ async fn a_reader_that_stops_early_ends_the_output_quietly() {
         .await
         .expect("read stderr");
     assert_eq!(stderr, "", "no panic, no message");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn lock_with_grace_keeps_the_command_running_through_a_blip_that_ends_in_a_resume() {
+    let (url, listener) = fake::fake_server().await;
+    let script = "echo started; read line; echo \"done $line\"";
+    let mut command = cli(
+        &url,
+        &["lock", "--grace", "10s", "job", "--", "sh", "-c", script],
+    );
+    let mut child = command.stdin(Stdio::piped()).spawn().expect("spawn");
+    let mut ws = fake::accept(&listener).await;
+    let hello = fake::next_request(&mut ws).await;
+    assert_eq!(hello["grace_ms"], 10_000, "{hello}");
+    fake::answer(&mut ws, &hello, fake::resumable_hello(10_000)).await;
+    let lock = fake::next_request(&mut ws).await;
+    assert_eq!(lock["command"], "lock", "{lock}");
+    fake::answer(&mut ws, &lock, serde_json::json!({"tokens": {"job": 1}})).await;
+    let mut out = stdout_lines(&mut child);
+    assert_eq!(next_line(&mut out).await, "started");
+    // The connection breaks (no close frame) while CMD runs; the client resumes the session.
+    drop(ws);
+    let mut ws = fake::accept(&listener).await;
+    let resume = fake::resume_request(&mut ws).await;
+    fake::answer_resume(&mut ws, &resume).await;
+    let mut stdin = child.stdin.take().expect("piped stdin");
+    stdin.write_all(b"go\n").await.expect("write");
+    assert_eq!(next_line(&mut out).await, "done go", "CMD ran on");
+    fake::closed_by_client(ws).await;
+    assert_eq!(exit_code(&mut child).await, 0, "CMD's status, not 13");
+}
+
+#[tokio::test]
+async fn lock_with_grace_terminates_the_command_when_the_session_expires_and_exits_13() {
+    let (url, listener) = fake::fake_server().await;
+    let script = "sleep 60 >/dev/null 2>&1 & p=$!; \
+                  trap 'kill $p; echo terminated; exit 0' TERM; echo started; wait $p";
+    let mut child = cli(
+        &url,
+        &["lock", "--grace", "10s", "job", "--", "sh", "-c", script],
+    )
+    .spawn()
+    .expect("spawn");
+    let mut ws = fake::accept(&listener).await;
+    let hello = fake::next_request(&mut ws).await;
+    // The server grants a short grace, and then is gone for longer.
+    fake::answer(&mut ws, &hello, fake::resumable_hello(300)).await;
+    let lock = fake::next_request(&mut ws).await;
+    fake::answer(&mut ws, &lock, serde_json::json!({"tokens": {"job": 1}})).await;
+    let mut out = stdout_lines(&mut child);
+    assert_eq!(next_line(&mut out).await, "started");
+    drop(listener);
+    drop(ws);
+    assert_eq!(next_line(&mut out).await, "terminated", "CMD got SIGTERM");
+    assert_eq!(exit_code(&mut child).await, LOCK_LOST);
+}
+
+#[tokio::test]
+async fn lock_with_grace_keeps_the_command_running_and_the_lock_held_through_a_cut_to_the_real_server(
+) {
+    let server = start(settings()).await;
+    let proxy = proxy::Proxy::start(server.addr).await;
+    let script = "echo $LOCKSMITH_SESSION; read line; echo \"done $line\"";
+    let mut command = cli(
+        &proxy.url(),
+        &["lock", "--grace", "10s", "job", "--", "sh", "-c", script],
+    );
+    let mut child = command.stdin(Stdio::piped()).spawn().expect("spawn");
+    let mut out = stdout_lines(&mut child);
+    let session = next_line(&mut out).await;
+    // The network breaks and stays down until the server has suspended the session ...
+    proxy.refuse(true);
+    assert_eq!(proxy.cut(), 1);
+    server.wait_suspended(&session).await;
+    // ... then comes back: `locksmith` resumes the session, which still holds the lock.
+    proxy.refuse(false);
+    let registry = server.registry().clone();
+    wire::wait_until("the session resumed", || {
+        !registry
+            .suspended()
+            .keys()
+            .any(|id| id.to_string() == session)
+    })
+    .await;
+    assert_eq!(
+        holders(&server.snapshot(), "job"),
+        [(session.clone(), Exclusive)]
+    );
+    let mut stdin = child.stdin.take().expect("piped stdin");
+    stdin.write_all(b"go\n").await.expect("write");
+    assert_eq!(next_line(&mut out).await, "done go", "CMD ran on");
+    assert_eq!(exit_code(&mut child).await, 0, "CMD's status, not 13");
+    server.wait_idle().await;
     server.stop().await;
 }

@@ -5,10 +5,13 @@
 //! `LOCKSMITH_TOKENS` (a JSON object key → fencing token) and `LOCKSMITH_SESSION` in its
 //! environment; when CMD exits the locks are released and `locksmith` exits with CMD's status.
 //!
-//! The locks belong to the connection. If it is lost while CMD runs, the server has released
-//! them and another client may already hold them, so by default CMD is sent SIGTERM, then
-//! SIGKILL after `--kill-after`, and the exit status is [`LOCK_LOST`]; `--on-lost=ignore` lets
-//! CMD run on (with a warning) and exits with its status.
+//! The locks belong to the session, which is the connection unless `--grace` is given. If the
+//! session ends while CMD runs, the server has released the locks and another client may already
+//! hold them, so by default CMD is sent SIGTERM, then SIGKILL after `--kill-after`, and the exit
+//! status is [`LOCK_LOST`]; `--on-lost=ignore` lets CMD run on (with a warning) and exits with its
+//! status. With `--grace D` the session outlives a lost connection by up to D: the client
+//! reconnects and resumes it, and CMD runs on through the blip; only when the session cannot be
+//! resumed (expired) is CMD terminated as above.
 //!
 //! Signals: the handlers for SIGTERM, SIGINT, SIGHUP and SIGQUIT are installed before the locks
 //! are taken, so none of these signals ends `locksmith` by its default action while CMD may run.
@@ -58,6 +61,11 @@ pub struct LockArgs {
     /// What to do with CMD if the connection to the server is lost while it runs.
     #[arg(long, value_enum, default_value = "terminate")]
     pub on_lost: OnLost,
+    /// Keep the locks through a lost connection for up to this long (`10s`; the server may grant
+    /// less, up to its `--max-session-grace`): the client reconnects and resumes the session, and
+    /// CMD runs on. Default: the locks end with the connection.
+    #[arg(long, value_parser = parse_duration)]
+    pub grace: Option<Duration>,
     /// After SIGTERM, how long CMD has before SIGKILL.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     pub kill_after: Duration,
@@ -92,10 +100,19 @@ pub async fn run(args: LockArgs) -> Result<u8, Failure> {
     // (never the default action, which would end `locksmith` and so release the locks while CMD
     // ran on). Until CMD runs, a signal gives up the wait; after, it is passed on to CMD.
     let mut signals = Signals::new()?;
+    let mut builder = args.server.builder().name(&name);
+    if let Some(grace) = args.grace {
+        builder = builder.grace(grace);
+    }
     let client = tokio::select! {
-        client = args.server.connect(Some(&name)) => client?,
+        client = builder.connect() => client?,
         signal = signals.next_any() => return Err(interrupted(signal)),
     };
+    if args.grace.is_some() && client.grace().is_none() {
+        eprintln!(
+            "locksmith: warning: the server grants no grace; the locks end with the connection"
+        );
+    }
     let mode = if args.read {
         LockMode::Shared
     } else {

@@ -16,7 +16,7 @@ use clap::{Args, Parser, Subcommand};
 use serde_json::Value;
 
 use crate::auth::Secret;
-use crate::client::{redact_url, Client, ClientError, DEFAULT_URL};
+use crate::client::{redact_url, Client, ClientBuilder, ClientError, DEFAULT_URL};
 use crate::config::{parse_duration, Config};
 use exit::Failure;
 pub use lock_command::LockArgs;
@@ -110,14 +110,20 @@ impl ServerOptions {
     /// # Errors
     /// The connection's failure.
     pub async fn connect(&self, name: Option<&str>) -> Result<Client, ClientError> {
-        let mut builder = Client::builder(&self.url);
-        if let Some(token) = &self.token {
-            builder = builder.secret_token(token.clone());
-        }
+        let mut builder = self.builder();
         if let Some(name) = name {
             builder = builder.name(name);
         }
         builder.connect().await
+    }
+
+    /// How to connect: the URL and the token, for a caller that sets more options.
+    pub fn builder(&self) -> ClientBuilder {
+        let builder = Client::builder(&self.url);
+        match &self.token {
+            Some(token) => builder.secret_token(token.clone()),
+            None => builder,
+        }
     }
 }
 
@@ -635,6 +641,8 @@ mod tests {
             "--read",
             "--timeout",
             "10s",
+            "--grace",
+            "1.5s",
             "a",
             "b",
             "--",
@@ -649,6 +657,12 @@ mod tests {
         assert_eq!(args.keys, ["a", "b"]);
         assert_eq!(args.command, ["echo", "--x"]);
         assert_eq!(args.timeout, Some(Duration::from_secs(10)));
+        assert_eq!(args.grace, Some(Duration::from_millis(1500)));
         assert!(ClientCli::try_parse_from(["locksmith", "lock", "a"]).is_err());
+        assert!(
+            ClientCli::try_parse_from(["locksmith", "lock", "--grace", "10", "a", "--", "x"])
+                .is_err(),
+            "a duration needs its unit"
+        );
     }
 }

@@ -34,7 +34,9 @@ pub enum ClientError {
     #[error("the server refused the connection: a valid token is required (HTTP 401)")]
     Unauthorized,
     /// The connection ended before the answer arrived. The request may or may not have been
-    /// carried out; every lock of the session is released by the server.
+    /// carried out. Without a grace ([`ClientBuilder::grace`](super::ClientBuilder::grace))
+    /// every lock of the session is released by the server; with one, the session is suspended
+    /// and the client resumes it, and later calls go on as usual.
     #[error("connection to the server lost: {reason}")]
     ConnectionLost {
         /// How it ended, as far as the client saw it.
@@ -112,6 +114,14 @@ pub enum ClientError {
     /// `session_closed`: the session is closed.
     #[error("{0}")]
     SessionClosed(String),
+    /// `session_expired`: a resumable session's connection was lost and the session could not
+    /// be resumed (the server no longer has it, or its grace passed with no word from the
+    /// server). Every lock of the session is released by the server.
+    #[error("{0}")]
+    SessionExpired(String),
+    /// `taken_over`: the session was resumed on another connection, which now owns it.
+    #[error("{0}")]
+    TakenOver(String),
     /// A code this client does not know (a newer server).
     #[error("{message}")]
     Other {
@@ -147,6 +157,8 @@ impl ClientError {
             ClientError::ShuttingDown(_) => "shutting_down",
             ClientError::Storage(_) => "storage_error",
             ClientError::SessionClosed(_) => "session_closed",
+            ClientError::SessionExpired(_) => "session_expired",
+            ClientError::TakenOver(_) => "taken_over",
             ClientError::Other { code, .. } => code,
         }
     }
@@ -184,6 +196,8 @@ impl ClientError {
             "shutting_down" => ClientError::ShuttingDown(message),
             "storage_error" => ClientError::Storage(message),
             "session_closed" => ClientError::SessionClosed(message),
+            "session_expired" => ClientError::SessionExpired(message),
+            "taken_over" => ClientError::TakenOver(message),
             other => ClientError::Other {
                 code: other.to_owned(),
                 message,
@@ -216,6 +230,8 @@ mod tests {
             "shutting_down",
             "storage_error",
             "session_closed",
+            "session_expired",
+            "taken_over",
             "from_a_newer_server",
         ] {
             let error = ClientError::from_answer(

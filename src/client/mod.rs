@@ -1,7 +1,12 @@
 //! A typed async client for Locksmith's WebSocket protocol.
 //!
 //! One [`Client`] is one connection, and so one session: its locks are released when it is
-//! closed or dropped, or when the connection breaks. Calls take `&self` and may run concurrently
+//! closed or dropped, or when the connection breaks. A client built with a
+//! [`grace`](ClientBuilder::grace) is a resumable session instead: when its connection breaks,
+//! the server keeps the session (and its locks) for the grace, and the client reconnects and
+//! resumes it; the calls in flight at the break still fail with
+//! [`ClientError::ConnectionLost`], and only when the session cannot be resumed does every call
+//! fail with [`ClientError::SessionExpired`]. Calls take `&self` and may run concurrently
 //! on one client (their requests are pipelined and each answer is matched to its call by `id`),
 //! but the server carries out one request of a session at a time, in order.
 //!
@@ -67,6 +72,7 @@
 mod answers;
 mod driver;
 mod error;
+mod resume;
 
 use std::time::Duration;
 
@@ -86,7 +92,8 @@ pub use error::{ClientError, CycleMember};
 
 use crate::auth::Secret;
 use crate::lock::LockMode;
-use driver::{Ending, Order};
+use driver::{Ending, Order, Socket};
+use resume::ResumeWatch;
 
 /// The URL clients connect to when none is given.
 pub const DEFAULT_URL: &str = "ws://localhost:8008/ws";
@@ -98,8 +105,8 @@ pub const DEFAULT_KEEPALIVE: Duration = Duration::from_secs(5);
 /// Read buffer of a client's socket (tungstenite's default is 128 KiB per connection).
 const READ_BUFFER_BYTES: usize = 4 * 1024;
 
-/// How to connect: the URL plus the optional token, session name and keepalive. Its `Debug`
-/// shows neither the token nor a `?token=` on the URL.
+/// How to connect: the URL plus the optional token, session name, keepalive and grace. Its
+/// `Debug` shows neither the token nor a `?token=` on the URL.
 #[derive(Clone)]
 pub struct ClientBuilder {
     /// `ws://host:port/ws`. It may carry `?token=`, so messages show [`redact_url`]'s version.
@@ -111,6 +118,9 @@ pub struct ClientBuilder {
     /// Ping interval of a quiet connection (`None`: never ping; a dead server is then noticed
     /// only when the operating system gives up on the connection).
     keepalive: Option<Duration>,
+    /// How long the server is asked to keep the session after its connection is lost, so that
+    /// the client can resume it (`None`: a session ends with its connection).
+    grace: Option<Duration>,
 }
 
 impl std::fmt::Debug for ClientBuilder {
@@ -120,6 +130,7 @@ impl std::fmt::Debug for ClientBuilder {
             .field("token", &self.token)
             .field("name", &self.name)
             .field("keepalive", &self.keepalive)
+            .field("grace", &self.grace)
             .finish()
     }
 }
@@ -148,13 +159,76 @@ impl ClientBuilder {
         self
     }
 
-    /// Connects and opens the session (`hello`, with the name if one was given).
+    /// Makes the session resumable: the server is asked to keep it, with its locks, for
+    /// `grace` after its connection is lost (it may grant less: see [`Client::grace`]). The
+    /// client then reconnects (50 ms apart at first, doubling up to 1 s) and resumes the
+    /// session; calls made meanwhile wait and are sent once it is resumed. Calls in flight when
+    /// the connection broke still fail with [`ClientError::ConnectionLost`] (they may or may
+    /// not have been carried out) and are never sent again. When the server no longer has the
+    /// session, or the grace has passed since the server was last heard from, every call fails
+    /// with [`ClientError::SessionExpired`] and [`Client::lost`] resolves. A session the server
+    /// ended itself (taken over, killed, shut down, closed for cause) is not resumed: the client
+    /// then ends as one without grace.
+    ///
+    /// While the session is resumable, a quiet connection is pinged at least four times per
+    /// grace, so that a silent one is noticed while there is time left to resume.
+    pub fn grace(mut self, grace: Duration) -> Self {
+        self.grace = Some(grace);
+        self
+    }
+
+    /// Connects and opens the session (`hello`, with the name and grace if they were given).
     ///
     /// # Errors
     /// [`ClientError::Connect`] if the server cannot be reached or the handshake fails,
     /// [`ClientError::Unauthorized`] if the token is missing or wrong,
     /// [`ClientError::ServerBusy`] if the server is at its connection limit.
     pub async fn connect(self) -> Result<Client, ClientError> {
+        let socket = self.dial().await?;
+        let (orders, inbox) = mpsc::unbounded_channel();
+        let ending = Ending::default();
+        let watch = ResumeWatch::default();
+        tokio::spawn(driver::drive(
+            socket,
+            inbox,
+            ending.clone(),
+            self.keepalive,
+            self.clone(),
+            watch.clone(),
+        ));
+        let mut client = Client {
+            orders,
+            ending,
+            hello: Hello::default(),
+            watch,
+        };
+        let mut hello = json!({"command": "hello"});
+        if let Some(name) = &self.name {
+            hello["name"] = json!(name);
+        }
+        if let Some(grace) = self.grace {
+            hello["grace_ms"] = json!(u64::try_from(grace.as_millis()).unwrap_or(u64::MAX));
+        }
+        client.hello = match client.typed(hello).await {
+            // A server from before `hello`: the session id is all it can tell, and the session
+            // stays unnamed.
+            Err(ClientError::UnknownCommand(_)) => {
+                let answer = client.request(json!({"command": "session"})).await?;
+                Hello {
+                    session: answer["session"].as_str().unwrap_or_default().to_owned(),
+                    ..Hello::default()
+                }
+            }
+            other => other?,
+        };
+        Ok(client)
+    }
+
+    /// Opens a WebSocket to the server, with the token.
+    ///
+    /// # Errors
+    /// As [`connect`](Self::connect).
+    pub(crate) async fn dial(&self) -> Result<Socket, ClientError> {
         let connect_error = |reason: String| ClientError::Connect {
             url: redact_url(&self.url),
             reason,
@@ -184,27 +258,7 @@ impl ClientBuilder {
             }
             Err(error) => return Err(connect_error(error.to_string())),
         };
-        let (orders, inbox) = mpsc::unbounded_channel();
-        let ending = Ending::default();
-        tokio::spawn(driver::drive(socket, inbox, ending.clone(), self.keepalive));
-        let mut client = Client {
-            orders,
-            ending,
-            hello: Hello::default(),
-        };
-        client.hello = match client.hello(self.name.as_deref()).await {
-            // A server from before `hello`: the session id is all it can tell, and the session
-            // stays unnamed.
-            Err(ClientError::UnknownCommand(_)) => {
-                let answer = client.request(json!({"command": "session"})).await?;
-                Hello {
-                    session: answer["session"].as_str().unwrap_or_default().to_owned(),
-                    ..Hello::default()
-                }
-            }
-            other => other?,
-        };
-        Ok(client)
+        Ok(socket)
     }
 }
 
@@ -216,6 +270,8 @@ pub struct Client {
     ending: Ending,
     /// Who the server says this session is.
     hello: Hello,
+    /// The granted grace and the resumes so far, kept up to date by the driver.
+    watch: ResumeWatch,
 }
 
 impl Client {
@@ -226,6 +282,7 @@ impl Client {
             token: None,
             name: None,
             keepalive: Some(DEFAULT_KEEPALIVE),
+            grace: None,
         }
     }
 
@@ -247,16 +304,29 @@ impl Client {
         self.hello.name.as_deref()
     }
 
-    /// Resolves when the connection has ended (closed by either side, broken, or silent past the
-    /// keepalive), with the reason. From then on every lock of the session is released by the
-    /// server, and every call fails.
+    /// The grace the server granted this session, while it is resumable (see
+    /// [`ClientBuilder::grace`]); `None` for a session that ends with its connection.
+    pub fn grace(&self) -> Option<Duration> {
+        self.watch.grace()
+    }
+
+    /// How many times the session has been resumed on a new connection.
+    pub fn resumes(&self) -> u64 {
+        self.watch.resumes()
+    }
+
+    /// Resolves when the session has ended, with the reason: for a client without a grace, when
+    /// the connection has ended (closed by either side, broken, or silent past the keepalive);
+    /// for a resumable one, when it is closed or could not be resumed
+    /// ([`ClientError::SessionExpired`]). From then on every lock of the session is released by
+    /// the server, and every call fails.
     pub async fn lost(&self) -> ClientError {
         let ended: WaitForCancellationFuture<'_> = self.ending.ended.cancelled();
         ended.await;
         self.ending.error()
     }
 
-    /// Whether the connection has ended.
+    /// Whether the session has ended (see [`lost`](Self::lost)).
     pub fn is_lost(&self) -> bool {
         self.ending.ended.is_cancelled()
     }
@@ -272,6 +342,10 @@ impl Client {
                 "a request must be a JSON object".into(),
             ));
         };
+        if self.is_lost() {
+            // The driver may still be saying goodbye to the server; don't queue behind that.
+            return Err(self.ending.error());
+        }
         let (answer, answered) = oneshot::channel();
         if self.orders.send(Order::Call { request, answer }).is_err() {
             return Err(self.ending.error());
@@ -483,7 +557,9 @@ impl Client {
         self.typed(request).await
     }
 
-    /// Closes the connection cleanly; the server releases every lock of the session.
+    /// Closes the connection cleanly; the server releases every lock of the session. A
+    /// resumable client closed while it reconnects stops trying; the server then releases the
+    /// session when its grace ends.
     pub async fn close(self) {
         let (done, closed) = oneshot::channel();
         if self.orders.send(Order::Close { done }).is_ok() {
