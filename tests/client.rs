@@ -2,18 +2,18 @@
 //! typed errors that mirror the wire codes, pipelining, and what a caller sees when the
 //! connection ends.
 
+mod fake;
 mod wire;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::{SinkExt, StreamExt};
+use fake::{fake_server, next_request};
 use locksmith::client::{Client, ClientError, Grant};
 use locksmith::lock::LockMode::{Exclusive, Shared};
 use locksmith::server::ServerSettings;
 use serde_json::json;
 use tokio::task::JoinHandle;
-use tokio_tungstenite::tungstenite::Message;
 use wire::{connect_client, settings, start, BOUND};
 
 /// A client waiting for `key`, held by another: (holder, waiter, the waiter's pending `lock`).
@@ -158,43 +158,12 @@ async fn server_that_drops_the_second_request() -> String {
     url
 }
 
-/// A listener on a loopback port for a hand-written server, and its WebSocket URL.
-async fn fake_server() -> (String, tokio::net::TcpListener) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    (format!("ws://{addr}/ws"), listener)
-}
-
 /// Accepts one client and answers its `hello` as session `s-1`.
-async fn accept_and_answer_hello(
-    listener: tokio::net::TcpListener,
-) -> tokio_tungstenite::WebSocketStream<tokio::net::TcpStream> {
-    let (stream, _) = listener.accept().await.expect("accept");
-    let mut ws = tokio_tungstenite::accept_async(stream)
-        .await
-        .expect("handshake");
+async fn accept_and_answer_hello(listener: tokio::net::TcpListener) -> fake::Ws {
+    let mut ws = fake::accept(&listener).await;
     let hello = next_request(&mut ws).await;
-    let answer = json!({"success": true, "session": "s-1", "id": hello["id"]});
-    ws.send(Message::text(answer.to_string()))
-        .await
-        .expect("answer hello");
+    fake::answer(&mut ws, &hello, json!({"session": "s-1"})).await;
     ws
-}
-
-async fn next_request(
-    ws: &mut tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>,
-) -> serde_json::Value {
-    loop {
-        match ws.next().await {
-            Some(Ok(Message::Text(text))) => {
-                return serde_json::from_str(text.as_str()).expect("JSON")
-            }
-            Some(Ok(_)) => {}
-            other => panic!("the client went away: {other:?}"),
-        }
-    }
 }
 
 #[tokio::test]

@@ -169,17 +169,9 @@ async fn a_resume_answered_session_expired_fails_every_waiting_and_later_call_an
         matches!(failed, ClientError::SessionExpired(_)),
         "{failed:?}"
     );
-    let lost = tokio::time::timeout(BOUND, client.lost())
-        .await
-        .expect("lost resolves");
+    let lost = given_up(&client).await;
     assert_eq!(lost.code(), "session_expired", "{lost}");
     assert!(client.is_lost());
-    let later = tokio::time::timeout(BOUND, client.ping())
-        .await
-        .expect("in time")
-        .expect_err("no more calls");
-    assert_eq!(later.code(), "session_expired");
-    assert_eq!(client.resumes(), 0);
 }
 
 #[tokio::test]
@@ -190,17 +182,9 @@ async fn with_no_server_reachable_for_longer_than_the_grace_the_session_expires(
     // The server is gone: every reconnect attempt is refused.
     drop(listener);
     drop(ws);
-    let lost = tokio::time::timeout(BOUND, client.lost())
-        .await
-        .expect("the grace passes");
+    let lost = given_up(&client).await;
     assert!(matches!(lost, ClientError::SessionExpired(_)), "{lost:?}");
     assert!(lost.to_string().contains("grace"), "{lost}");
-    let later = tokio::time::timeout(BOUND, client.ping())
-        .await
-        .expect("in time")
-        .expect_err("no more calls");
-    assert_eq!(later.code(), "session_expired");
-    assert_eq!(client.resumes(), 0);
 }
 
 #[tokio::test]
@@ -221,17 +205,9 @@ async fn a_client_without_grace_does_not_reconnect() {
         .expect("in time")
         .expect("task");
     assert_eq!(failed.expect_err("lost").code(), "connection_lost");
-    let lost = tokio::time::timeout(BOUND, client.lost())
-        .await
-        .expect("lost resolves");
+    let lost = given_up(&client).await;
     assert_eq!(lost.code(), "connection_lost");
     // A later call fails at once: nothing waits for a reconnect.
-    let later = tokio::time::timeout(BOUND, client.ping())
-        .await
-        .expect("in time")
-        .expect_err("no more calls");
-    assert_eq!(later.code(), "connection_lost");
-    assert_eq!(client.resumes(), 0);
     assert!(
         futures_util::FutureExt::now_or_never(listener.accept()).is_none(),
         "the client connected again"
@@ -261,16 +237,8 @@ async fn a_session_taken_over_by_another_connection_is_not_taken_back() {
         .expect("in time")
         .expect("task");
     assert_eq!(failed.expect_err("taken over").code(), "taken_over");
-    let lost = tokio::time::timeout(BOUND, client.lost())
-        .await
-        .expect("lost resolves");
+    let lost = given_up(&client).await;
     assert_eq!(lost.code(), "taken_over", "{lost}");
-    let later = tokio::time::timeout(BOUND, client.ping())
-        .await
-        .expect("in time")
-        .expect_err("no more calls");
-    assert_eq!(later.code(), "taken_over");
-    assert_eq!(client.resumes(), 0);
 }
 
 #[tokio::test]
@@ -286,17 +254,9 @@ async fn a_session_the_server_ends_with_a_close_frame_is_not_resumed() {
     }))
     .await
     .expect("close");
-    let lost = tokio::time::timeout(BOUND, client.lost())
-        .await
-        .expect("lost resolves");
+    let lost = given_up(&client).await;
     assert_eq!(lost.code(), "connection_lost", "{lost}");
     assert!(lost.to_string().contains("1008"), "{lost}");
-    let later = tokio::time::timeout(BOUND, client.ping())
-        .await
-        .expect("in time")
-        .expect_err("no more calls");
-    assert_eq!(later.code(), "connection_lost");
-    assert_eq!(client.resumes(), 0);
     assert!(
         futures_util::FutureExt::now_or_never(listener.accept()).is_none(),
         "the client connected again"
@@ -371,9 +331,7 @@ async fn a_resumable_client_cut_off_from_the_real_server_past_its_grace_expires_
     client.lock(&["k"], Exclusive, None).await.expect("lock");
     proxy.refuse(true);
     assert_eq!(proxy.cut(), 1);
-    let lost = tokio::time::timeout(BOUND, client.lost())
-        .await
-        .expect("the grace passes");
+    let lost = given_up(&client).await;
     assert_eq!(lost.code(), "session_expired", "{lost}");
     let rival = wire::connect_client(&server.url()).await;
     tokio::time::timeout(BOUND, rival.lock(&["k"], Exclusive, None))
@@ -381,4 +339,19 @@ async fn a_resumable_client_cut_off_from_the_real_server_past_its_grace_expires_
         .expect("in time")
         .expect("the server released k at the end of the grace");
     server.stop().await;
+}
+
+/// Waits for `client` to give its session up and checks that it stays given up: a later call
+/// fails at once with the same code, and the client never resumed. Returns what `lost()` gave.
+async fn given_up(client: &Client) -> ClientError {
+    let lost = tokio::time::timeout(BOUND, client.lost())
+        .await
+        .expect("lost resolves in time");
+    let later = tokio::time::timeout(BOUND, client.ping())
+        .await
+        .expect("in time")
+        .expect_err("no more calls");
+    assert_eq!(later.code(), lost.code());
+    assert_eq!(client.resumes(), 0);
+    lost
 }

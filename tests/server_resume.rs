@@ -20,7 +20,31 @@ use locksmith::server::ServerSettings;
 use proxy::Proxy;
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
-use wire::{settings, start, wait_until, Client};
+use wire::{settings, start, wait_until, Client, Server};
+
+/// A session that asked for a long grace, locked one key in write mode, and whose socket was
+/// then dropped: suspended, holding the key.
+struct Suspended {
+    session: String,
+    secret: String,
+    /// Its `lock` answer.
+    granted: Value,
+}
+
+/// Makes a [`Suspended`] session on `server` holding `key`.
+async fn suspended_holder(server: &Server, key: &str) -> Suspended {
+    let mut holder = server.connect().await;
+    let secret = holder.ask_grace(LONG_GRACE_MS).await;
+    let granted = holder.lock(&[key], "write").await;
+    let session = holder.session.clone();
+    drop(holder);
+    server.wait_suspended(&session).await;
+    Suspended {
+        session,
+        secret,
+        granted,
+    }
+}
 
 /// A grace longer than any test: a session dropped in these tests expires only when a test
 /// says so with a short grace.
@@ -102,12 +126,9 @@ async fn a_suspended_session_is_released_when_its_grace_runs_out_and_a_late_resu
 #[tokio::test]
 async fn a_wrong_secret_is_forbidden_and_leaves_the_suspended_session_as_it_was() {
     let server = start(settings()).await;
-    let mut holder = server.connect().await;
-    let secret = holder.ask_grace(LONG_GRACE_MS).await;
-    holder.lock(&["k"], "write").await;
-    let session = holder.session.clone();
-    drop(holder);
-    server.wait_suspended(&session).await;
+    let Suspended {
+        session, secret, ..
+    } = suspended_holder(&server, "k").await;
 
     let mut intruder = Client::connect(&server.url()).await;
     let wrong = "0".repeat(secret.len());
@@ -271,12 +292,12 @@ async fn resume_of_a_session_still_connected_takes_it_over_and_closes_the_old_so
 #[tokio::test]
 async fn two_resumes_of_one_session_at_once_leave_exactly_one_connection_serving_it() {
     let server = start(settings()).await;
-    let mut holder = server.connect().await;
-    let secret = holder.ask_grace(LONG_GRACE_MS).await;
-    let granted = holder.lock(&["k"], "write").await;
-    let session = holder.session.clone();
-    drop(holder);
-    server.wait_suspended(&session).await;
+    let Suspended {
+        session,
+        secret,
+        granted,
+        ..
+    } = suspended_holder(&server, "k").await;
 
     let mut first = Client::connect(&server.url()).await;
     let mut second = Client::connect(&server.url()).await;
@@ -325,12 +346,9 @@ async fn a_clean_close_releases_even_a_resumable_session() {
 #[tokio::test]
 async fn resume_on_a_connection_that_already_holds_a_lock_is_refused() {
     let server = start(settings()).await;
-    let mut holder = server.connect().await;
-    let secret = holder.ask_grace(LONG_GRACE_MS).await;
-    holder.lock(&["k1"], "write").await;
-    let session = holder.session.clone();
-    drop(holder);
-    server.wait_suspended(&session).await;
+    let Suspended {
+        session, secret, ..
+    } = suspended_holder(&server, "k1").await;
 
     let mut busy = server.connect().await;
     busy.lock(&["k2"], "write").await;
@@ -395,12 +413,9 @@ async fn kill_releases_a_suspended_session_at_once() {
         ..settings()
     })
     .await;
-    let mut holder = server.connect().await;
-    let secret = holder.ask_grace(LONG_GRACE_MS).await;
-    holder.lock(&["k"], "write").await;
-    let session = holder.session.clone();
-    drop(holder);
-    server.wait_suspended(&session).await;
+    let Suspended {
+        session, secret, ..
+    } = suspended_holder(&server, "k").await;
 
     let mut admin = server.connect_as("", Some(ADMIN)).await;
     admin
@@ -416,12 +431,9 @@ async fn kill_releases_a_suspended_session_at_once() {
 #[tokio::test]
 async fn after_a_restart_every_resume_is_expired() {
     let server = start(settings()).await;
-    let mut holder = server.connect().await;
-    let secret = holder.ask_grace(LONG_GRACE_MS).await;
-    holder.lock(&["k"], "write").await;
-    let session = holder.session.clone();
-    drop(holder);
-    server.wait_suspended(&session).await;
+    let Suspended {
+        session, secret, ..
+    } = suspended_holder(&server, "k").await;
     server.stop().await;
 
     let restarted = start(settings()).await;
@@ -433,12 +445,7 @@ async fn after_a_restart_every_resume_is_expired() {
 #[tokio::test]
 async fn shutdown_releases_the_suspended_sessions() {
     let server = start(settings()).await;
-    let mut holder = server.connect().await;
-    holder.ask_grace(LONG_GRACE_MS).await;
-    holder.lock(&["k"], "write").await;
-    let session = holder.session.clone();
-    drop(holder);
-    server.wait_suspended(&session).await;
+    suspended_holder(&server, "k").await;
     let locks = server.locks().clone();
     let suspensions = server.suspensions().clone();
     server.stop().await;
