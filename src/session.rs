@@ -123,15 +123,16 @@ impl ClientSession {
         self.registration.suspend();
     }
 
-    /// Its connection dropped: a resumable session is suspended — parked with its locks for its
-    /// grace period — and its grace returned; any other session (or one that cannot be parked:
-    /// killed, too many suspended) is released. `withdrew_wait` says whether the connection
+    /// Its connection dropped (or, with `handover`, a `resume` took it over): a resumable
+    /// session is suspended — parked with its locks for its grace period — and its grace
+    /// returned; any other session (or one that cannot be parked: killed, or too many suspended
+    /// unless it is a handover) is released. `withdrew_wait` says whether the connection
     /// withdrew its lock wait.
-    pub fn suspend_or_release(self, withdrew_wait: bool) -> Option<Duration> {
+    pub fn suspend_or_release(self, withdrew_wait: bool, handover: bool) -> Option<Duration> {
         let resumable = self.resumable()?;
         let suspensions = self.context.suspensions.clone();
         suspensions
-            .park(self, resumable.grace, withdrew_wait)
+            .park(self, resumable.grace, withdrew_wait, handover)
             .then_some(resumable.grace)
     }
 
