@@ -27,6 +27,7 @@ use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::Secret;
+use crate::deadlocks::DeadlockHistory;
 use crate::lock::{Grant, Key, LockError, LockManager, LockMode, Session, SessionId, Taken};
 use crate::log_limit::LogLimit;
 use crate::protocol::{Command, NamedMember, Reply, Request, ServiceError, SessionInfo};
@@ -58,6 +59,8 @@ pub struct SessionContext {
     pub deadlock_log: Arc<Mutex<LogLimit>>,
     /// Resumable sessions whose connection dropped.
     pub suspensions: Suspensions,
+    /// The last deadlocks refused, for the live page.
+    pub deadlocks: DeadlockHistory,
     /// Longest grace period a session may ask for (`--max-session-grace`); longer requests get
     /// this.
     pub max_session_grace: Duration,
@@ -483,6 +486,7 @@ impl ClientSession {
                     })
                     .collect();
                 self.log_deadlock(&cycle);
+                self.context.deadlocks.record(cycle.clone());
                 Err(ServiceError::Deadlock { cycle })
             }
             Err(error) => Err(error.into()),

@@ -263,6 +263,7 @@ mod tests {
             registry: Registry::new(),
             deadlock_log: Arc::new(Mutex::new(LogLimit::new(Duration::from_secs(1)))),
             suspensions: suspensions.clone(),
+            deadlocks: Default::default(),
             max_session_grace: Duration::from_secs(30),
         }
     }
