@@ -467,8 +467,13 @@ fn live_view(c: &mut Criterion) {
         let now = Instant::now();
         let (mut table, sessions) = holders(held - 1, now);
         for i in (1..held).step_by(100) {
-            let acquired =
-                table_acquire(&mut table, sessions[i], &[key(i - 1)], LockMode::Exclusive, now);
+            let acquired = table_acquire(
+                &mut table,
+                sessions[i],
+                &[key(i - 1)],
+                LockMode::Exclusive,
+                now,
+            );
             assert!(matches!(acquired, Ok(Acquired::Waiting)));
         }
         group.throughput(Throughput::Elements(held as u64));
