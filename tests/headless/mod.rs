@@ -162,6 +162,19 @@ async fn status_ready(port: u16) -> bool {
         .unwrap_or(false)
 }
 
+/// The value of `call`, which must succeed within [`BOUND`]; else the test fails, saying `what`
+/// it was doing.
+async fn bounded<T, E: std::fmt::Display>(
+    what: &str,
+    call: impl std::future::Future<Output = Result<T, E>>,
+) -> T {
+    match tokio::time::timeout(BOUND, call).await {
+        Ok(Ok(value)) => value,
+        Ok(Err(e)) => panic!("{what}: {e}"),
+        Err(_) => panic!("{what}: no answer within {BOUND:?}"),
+    }
+}
+
 /// A headless Chromium session; chromedriver dies with it.
 pub struct Browser {
     /// The WebDriver session.
@@ -191,15 +204,13 @@ impl Browser {
             unreachable!("an object")
         };
         let connector = hyper_util::client::legacy::connect::HttpConnector::new();
-        let session = tokio::time::timeout(
-            BOUND,
+        let session = bounded(
+            &format!("open a headless {} session", chromium.display()),
             ClientBuilder::new(connector)
                 .capabilities(capabilities)
                 .connect(&format!("http://127.0.0.1:{}", driver.port)),
         )
-        .await
-        .unwrap_or_else(|_| panic!("no WebDriver session within {BOUND:?}"))
-        .unwrap_or_else(|e| panic!("open a headless {} session: {e}", chromium.display()));
+        .await;
         Browser {
             client: session,
             _driver: driver,
@@ -208,10 +219,7 @@ impl Browser {
 
     /// Opens `url` and waits until an element matches `selector`.
     pub async fn open_page(&self, url: &str, selector: &str) {
-        tokio::time::timeout(BOUND, self.client.goto(url))
-            .await
-            .unwrap_or_else(|_| panic!("{url} did not load within {BOUND:?}"))
-            .unwrap_or_else(|e| panic!("open {url}: {e}"));
+        bounded(&format!("open {url}"), self.client.goto(url)).await;
         let found = self
             .client
             .wait()
@@ -233,10 +241,11 @@ impl Browser {
 
     /// Runs `script` (the body of a function returning JSON) in the page.
     pub async fn eval(&self, script: &str) -> Value {
-        tokio::time::timeout(BOUND, self.client.execute(script, vec![]))
-            .await
-            .unwrap_or_else(|_| panic!("a script did not return within {BOUND:?}"))
-            .unwrap_or_else(|e| panic!("run a script in the page: {e}"))
+        bounded(
+            "run a script in the page",
+            self.client.execute(script, vec![]),
+        )
+        .await
     }
 
     /// Polls `read` (a script returning JSON) every 50 ms until `check` accepts its result,
@@ -269,10 +278,7 @@ impl Browser {
 
     /// Saves a PNG of the window as `target/browser/<file>` and returns its path.
     pub async fn screenshot(&self, file: &str) -> PathBuf {
-        let png = tokio::time::timeout(BOUND, self.client.screenshot())
-            .await
-            .unwrap_or_else(|_| panic!("no screenshot within {BOUND:?}"))
-            .unwrap_or_else(|e| panic!("take a screenshot: {e}"));
+        let png = bounded("take a screenshot", self.client.screenshot()).await;
         let path = artifacts_dir().join(file);
         std::fs::write(&path, png).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
         path
