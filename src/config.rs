@@ -25,6 +25,16 @@ pub const LOOPBACK: [IpAddr; 2] = [
 /// What is served when no `--listen` is given: the loopback addresses on [`DEFAULT_PORT`].
 pub const DEFAULT_LISTEN: ListenAddr = ListenAddr::Port(DEFAULT_PORT);
 
+/// How log lines are written (`--log-format`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line, with the event's fields.
+    Json,
+}
+
 /// Locksmith: a deadlock-aware lock manager service over WebSocket.
 #[derive(Parser, Debug, Clone)]
 #[command(version, about)]
@@ -41,6 +51,11 @@ pub struct Config {
     /// (e.g. `30s`, `500ms`, `2m`).
     #[arg(long, env = "LOCKSMITH_LOCK_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub lock_timeout: Duration,
+
+    /// Log lines as `text` (for people) or `json` (one object per line, for log shippers). The
+    /// level is set with `RUST_LOG` (default `info`).
+    #[arg(long, env = "LOCKSMITH_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
 
     /// Most simultaneous client connections; more are refused with `server_busy`.
     #[arg(long, env = "LOCKSMITH_MAX_CONNECTIONS", default_value_t = 10_000)]
@@ -382,6 +397,7 @@ mod tests {
         assert_eq!(config.lock_timeout, Duration::from_secs(30));
         assert_eq!(config.shutdown_timeout, Duration::from_secs(5));
         assert_eq!(config.max_session_grace, Duration::from_secs(30));
+        assert_eq!(config.log_format, LogFormat::Text);
         assert_eq!(config.data_dir, PathBuf::from("./data"));
         assert!(!config.in_memory);
         assert_eq!(config.max_locks_per_session, 100_000);

@@ -138,10 +138,13 @@ pub async fn serve(
     tracing::debug!(session = %session.id(), %peer, "connection opened");
     let mut served = 0u64;
     let mut queued = VecDeque::new();
+    // A resume's answer that a kill or takeover kept from being sent: sent with the last words.
+    let mut unsent = Vec::new();
     let mut ended = None;
     loop {
         let mut owed = Owed {
             queued: std::mem::take(&mut queued),
+            after_in_flight: std::mem::take(&mut unsent),
             ..Owed::default()
         };
         let ending = match ended.take() {
@@ -178,14 +181,21 @@ pub async fn serve(
                 }
                 Err(error) => protocol::encode_error(id.as_ref(), &error),
             };
-            if let Err(error) = send(
+            // A kill or takeover of the resumed session stops this send like any other.
+            let stops = Stops {
+                killed: session.killed(),
+                detached: session.detached(),
+            };
+            if let Err(ending) = send_unless_stopped(
                 &mut socket,
-                Message::Text(text.into()),
+                text,
                 settings.idle_timeout,
+                &stops,
+                &mut unsent,
             )
             .await
             {
-                ended = Some(Ending::Broken(error));
+                ended = Some(ending);
             }
             continue;
         }
@@ -198,7 +208,7 @@ pub async fn serve(
                 Some(owed.farewell(
                     &ServiceError::ShuttingDown,
                     close_code::GOING_AWAY,
-                    "server shutting down",
+                    protocol::SHUTDOWN_CLOSE_REASON,
                 )),
                 CancellationToken::new(),
             ),
@@ -214,7 +224,7 @@ pub async fn serve(
                 Some(owed.farewell(
                     &ServiceError::TakenOver,
                     close_code::POLICY,
-                    "session resumed on another connection",
+                    protocol::TAKEN_OVER_CLOSE_REASON,
                 )),
                 shutdown.clone(),
             ),
@@ -226,7 +236,8 @@ pub async fn serve(
         // A connection that dropped, or went silent, may come back: a resumable session is
         // suspended. One the client closed, or the server closed for cause, is released.
         if matches!(ending, Ending::Broken(_) | Ending::Idle | Ending::TakenOver) {
-            if let Some(grace) = session.suspend_or_release(withdrew_wait) {
+            let handover = matches!(ending, Ending::TakenOver);
+            if let Some(grace) = session.suspend_or_release(withdrew_wait, handover) {
                 tracing::debug!(session = %id, %peer, ?grace, withdrew_wait, "session suspended");
             }
         } else {

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 use locksmith::cli::{Cli, CliCommand, ClientCli, ClientCommand};
-use locksmith::config::Config;
+use locksmith::config::{Config, LogFormat};
 use locksmith::listen;
 use locksmith::server::{self, ServerSettings};
 use locksmith::store::{MemoryStore, RedbStore, Store};
@@ -32,12 +32,18 @@ fn main() -> ExitCode {
         Some(CliCommand::Serve(config)) => config,
         Some(CliCommand::Client(command)) => return run_client(command),
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_ansi(std::io::stdout().is_terminal())
-        .init();
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    match config.log_format {
+        LogFormat::Text => tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_ansi(std::io::stdout().is_terminal())
+            .init(),
+        LogFormat::Json => tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .with_current_span(false)
+            .init(),
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(error) => {

@@ -40,6 +40,15 @@ pub const DEFAULT_LIST_LIMIT: usize = 1000;
 /// Most keys a `locks` answer, or sessions a `sessions` answer, may list.
 pub const MAX_LIST_LIMIT: usize = 100_000;
 
+/// The reason of the close frame (code 1001) that ends every connection at shutdown. The idle
+/// timeout also closes with 1001, but leaves a resumable session suspended; a client tells the
+/// two apart by this reason.
+pub const SHUTDOWN_CLOSE_REASON: &str = "server shutting down";
+
+/// The reason of the close frame (code 1008) that ends a connection whose session was resumed
+/// on another connection.
+pub const TAKEN_OVER_CLOSE_REASON: &str = "session resumed on another connection";
+
 /// The server's version, in the `hello` answer.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 

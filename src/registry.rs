@@ -218,6 +218,10 @@ impl Registry {
     pub fn claim(&self, session: SessionId, secret: &Secret) -> Result<Claim, ClaimRefused> {
         let entries = self.entries();
         let entry = entries.get(&session).ok_or(ClaimRefused::NotOpen)?;
+        // Killed: on its way out, however long its release takes.
+        if entry.kill.is_cancelled() {
+            return Err(ClaimRefused::NotOpen);
+        }
         let resumable = entry.resumable.as_ref().ok_or(ClaimRefused::NotResumable)?;
         if !resumable.secret.matches(secret.reveal()) {
             return Err(ClaimRefused::WrongSecret);
@@ -400,6 +404,21 @@ mod tests {
         assert_eq!(
             registry.claim(a, &first.secret).err(),
             Some(ClaimRefused::NotResumable)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_killed_session_cannot_be_claimed_even_while_its_release_is_under_way() {
+        let registry = Registry::new();
+        let a = SessionId::from_u128(1);
+        let _registration = registry.register(a, peer(), None, false);
+        let resumable = registry
+            .set_grace(a, Duration::from_secs(5))
+            .expect("resumable");
+        registry.kill(a).expect("open");
+        assert_eq!(
+            registry.claim(a, &resumable.secret).err(),
+            Some(ClaimRefused::NotOpen)
         );
     }
 }

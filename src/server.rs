@@ -48,6 +48,8 @@ use crate::accept::{serve_listener, TcpSlot};
 use crate::auth::{self, Access, Secret, Tokens, Unauthorized};
 use crate::config::Config;
 use crate::connection::{self, ConnectionSettings};
+use crate::deadlocks::DeadlockHistory;
+use crate::live;
 use crate::lock::{LockManager, LockManagerConfig, DEFAULT_MAX_KEYS_PER_SESSION};
 use crate::log_limit::{log_limited, LogLimit, DEADLOCK_LOG_INTERVAL, REFUSAL_LOG_INTERVAL};
 use crate::protocol::{self, Limits};
@@ -261,6 +263,7 @@ pub fn start(
             registry: registry.clone(),
             deadlock_log: Arc::new(Mutex::new(LogLimit::new(DEADLOCK_LOG_INTERVAL))),
             suspensions: suspensions.clone(),
+            deadlocks: DeadlockHistory::default(),
             max_session_grace: settings.max_session_grace,
         },
         connection: ConnectionSettings {
@@ -287,9 +290,20 @@ pub fn start(
     // Routes added before the layer need the token; `/healthz`, added after, does not.
     let app = Router::new()
         .route("/ws", get(upgrade))
+        .route("/", get(live_page))
+        .route("/live", get(live_upgrade))
         .fallback(|| async { (StatusCode::NOT_FOUND, "not found") })
         .layer(middleware::from_fn_with_state(state.clone(), require_token))
         .route("/healthz", get(|| async { "ok" }))
+        // The page's script and style hold no data: like `/healthz`, no token.
+        .route(
+            "/live.js",
+            get(|| asset("text/javascript; charset=utf-8", live::assets::SCRIPT)),
+        )
+        .route(
+            "/live.css",
+            get(|| asset("text/css; charset=utf-8", live::assets::STYLE)),
+        )
         .with_state(state);
     let mut addrs = Vec::with_capacity(listeners.len());
     let mut tasks = JoinSet::new();
@@ -494,16 +508,8 @@ async fn upgrade(
         name,
         admin: access.admin,
     };
-    if let Some(origin) = headers.get(header::ORIGIN) {
-        let allowed = origin
-            .to_str()
-            .is_ok_and(|o| state.allowed_origins.iter().any(|a| a == o));
-        if !allowed {
-            log_limited(&state.origin_log, |suppressed| {
-                tracing::warn!(%peer, ?origin, suppressed, "refused a WebSocket upgrade from a foreign Origin");
-            });
-            return (StatusCode::FORBIDDEN, "origin not allowed").into_response();
-        }
+    if let Some(refused) = origin_refusal(&state, peer, &headers) {
+        return refused;
     }
     let permit = state.connections.clone().try_acquire_owned();
     let limit = state.connection.max_message_bytes;
@@ -547,6 +553,92 @@ async fn upgrade(
                     state.cut_count.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(%peer, "connection cut at the shutdown timeout");
                 }
+            }
+        })
+}
+
+/// The refusal (403) of an upgrade whose `Origin` is foreign: neither listed with
+/// `--allowed-origin` nor the server's own page's. `None` lets it through, as for a client that
+/// sends no `Origin` (not a browser).
+fn origin_refusal(state: &AppState, peer: SocketAddr, headers: &HeaderMap) -> Option<Response> {
+    let origin = headers.get(header::ORIGIN)?;
+    let allowed = origin.to_str().is_ok_and(|origin| {
+        state.allowed_origins.iter().any(|a| a == origin) || is_own_page(origin, headers)
+    });
+    if allowed {
+        return None;
+    }
+    log_limited(&state.origin_log, |suppressed| {
+        tracing::warn!(%peer, ?origin, suppressed, "refused a WebSocket upgrade from a foreign Origin");
+    });
+    Some((StatusCode::FORBIDDEN, "origin not allowed").into_response())
+}
+
+/// Is `origin` this server's own page, the live page at `/`? That is, `http(s)://` and the very
+/// `Host` the request was sent to, where that host is `localhost` or an IP address. A domain
+/// name is not trusted this way: with DNS rebinding, a foreign page can get its own domain to
+/// resolve to this server, and would then count as the same origin; such names must be listed
+/// with `--allowed-origin`.
+fn is_own_page(origin: &str, headers: &HeaderMap) -> bool {
+    let Some(host) = headers.get(header::HOST).and_then(|h| h.to_str().ok()) else {
+        return false;
+    };
+    let same = origin
+        .strip_prefix("http://")
+        .or_else(|| origin.strip_prefix("https://"))
+        .is_some_and(|rest| rest == host);
+    let authority: Option<axum::http::uri::Authority> = host.parse().ok();
+    let literal = authority.is_some_and(|a| {
+        let name = a.host().trim_start_matches('[').trim_end_matches(']');
+        name == "localhost" || name.parse::<std::net::IpAddr>().is_ok()
+    });
+    same && literal
+}
+
+/// A static asset of the live page.
+async fn asset(content_type: &'static str, body: &'static str) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, content_type),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+/// `GET /`: the live page.
+async fn live_page() -> Response {
+    asset("text/html; charset=utf-8", live::assets::PAGE).await
+}
+
+/// `GET /live`: the live page's WebSocket, which pushes the live view (see `live`). It counts
+/// as a connection (`--max-connections`) and ends at shutdown like the others.
+async fn live_upgrade(
+    State(state): State<Arc<AppState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Extension(slot): Extension<TcpSlot>,
+    headers: HeaderMap,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    if state.shutdown.is_cancelled() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response();
+    }
+    if let Some(refused) = origin_refusal(&state, peer, &headers) {
+        return refused;
+    }
+    let Ok(permit) = state.connections.clone().try_acquire_owned() else {
+        return (StatusCode::SERVICE_UNAVAILABLE, "connection limit reached").into_response();
+    };
+    let task = state.tracker.token();
+    upgrade
+        .read_buffer_size(READ_BUFFER_BYTES)
+        .max_message_size(READ_BUFFER_BYTES)
+        .on_upgrade(move |socket| async move {
+            let (_task, _slot, _permit) = (task, slot, permit);
+            tokio::select! {
+                () = live::serve(socket, state.context.clone(), state.shutdown.clone()) => {}
+                () = state.cut.cancelled() => {}
             }
         })
 }

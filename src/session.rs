@@ -27,6 +27,7 @@ use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::Secret;
+use crate::deadlocks::DeadlockHistory;
 use crate::lock::{Grant, Key, LockError, LockManager, LockMode, Session, SessionId, Taken};
 use crate::log_limit::LogLimit;
 use crate::protocol::{Command, NamedMember, Reply, Request, ServiceError, SessionInfo};
@@ -58,6 +59,8 @@ pub struct SessionContext {
     pub deadlock_log: Arc<Mutex<LogLimit>>,
     /// Resumable sessions whose connection dropped.
     pub suspensions: Suspensions,
+    /// The last deadlocks refused, for the live page.
+    pub deadlocks: DeadlockHistory,
     /// Longest grace period a session may ask for (`--max-session-grace`); longer requests get
     /// this.
     pub max_session_grace: Duration,
@@ -123,15 +126,16 @@ impl ClientSession {
         self.registration.suspend();
     }
 
-    /// Its connection dropped: a resumable session is suspended — parked with its locks for its
-    /// grace period — and its grace returned; any other session (or one that cannot be parked:
-    /// killed, too many suspended) is released. `withdrew_wait` says whether the connection
+    /// Its connection dropped (or, with `handover`, a `resume` took it over): a resumable
+    /// session is suspended — parked with its locks for its grace period — and its grace
+    /// returned; any other session (or one that cannot be parked: killed, or too many suspended
+    /// unless it is a handover) is released. `withdrew_wait` says whether the connection
     /// withdrew its lock wait.
-    pub fn suspend_or_release(self, withdrew_wait: bool) -> Option<Duration> {
+    pub fn suspend_or_release(self, withdrew_wait: bool, handover: bool) -> Option<Duration> {
         let resumable = self.resumable()?;
         let suspensions = self.context.suspensions.clone();
         suspensions
-            .park(self, resumable.grace, withdrew_wait)
+            .park(self, resumable.grace, withdrew_wait, handover)
             .then_some(resumable.grace)
     }
 
@@ -482,6 +486,7 @@ impl ClientSession {
                     })
                     .collect();
                 self.log_deadlock(&cycle);
+                self.context.deadlocks.record(cycle.clone());
                 Err(ServiceError::Deadlock { cycle })
             }
             Err(error) => Err(error.into()),

@@ -95,10 +95,18 @@ impl Suspensions {
     }
 
     /// Suspends `session` for `grace`: its locks stay held until [`unpark`](Self::unpark) takes
-    /// it or the grace runs out. A killed session, or one over the limit, is released instead.
-    /// `withdrew_wait` says whether its connection withdrew a lock wait on the way (counted).
-    /// Returns whether it was suspended.
-    pub fn park(&self, session: ClientSession, grace: Duration, withdrew_wait: bool) -> bool {
+    /// it or the grace runs out. A killed session, or one over the limit, is released instead —
+    /// except a `handover` (a takeover: a `resume` is waiting for it), which the limit does not
+    /// refuse, since it is not a new suspension but a session changing connections. `withdrew_wait`
+    /// says whether its connection withdrew a lock wait on the way (counted). Returns whether it
+    /// was suspended.
+    pub fn park(
+        &self,
+        session: ClientSession,
+        grace: Duration,
+        withdrew_wait: bool,
+        handover: bool,
+    ) -> bool {
         let id = session.id();
         let mut parked = self.parked();
         // Checked under the mutex that `release` takes after the kill is signalled: either the
@@ -108,7 +116,7 @@ impl Suspensions {
             drop(session);
             return false;
         }
-        if parked.len() >= self.shared.limit {
+        if parked.len() >= self.shared.limit && !handover {
             drop(parked);
             self.shared
                 .counts
@@ -255,6 +263,7 @@ mod tests {
             registry: Registry::new(),
             deadlock_log: Arc::new(Mutex::new(LogLimit::new(Duration::from_secs(1)))),
             suspensions: suspensions.clone(),
+            deadlocks: Default::default(),
             max_session_grace: Duration::from_secs(30),
         }
     }
@@ -273,10 +282,10 @@ mod tests {
         let context = context(&suspensions);
         let session = ClientSession::open(context.clone(), client());
         let id = session.id();
-        assert!(suspensions.park(session, Duration::from_millis(100), false));
+        assert!(suspensions.park(session, Duration::from_millis(100), false, false));
         let first = suspensions.parked()[&id].generation;
         let session = suspensions.unpark(id).expect("parked");
-        assert!(suspensions.park(session, Duration::from_secs(10), true));
+        assert!(suspensions.park(session, Duration::from_secs(10), true, false));
         // The first suspension's timer, had it fired after losing the race, finds a later
         // generation and leaves the session alone.
         suspensions.expire(id, first);
@@ -307,14 +316,14 @@ mod tests {
         let suspensions = Suspensions::new(1);
         let context = context(&suspensions);
         let first = ClientSession::open(context.clone(), client());
-        assert!(suspensions.park(first, Duration::from_secs(60), false));
+        assert!(suspensions.park(first, Duration::from_secs(60), false, false));
         let second = ClientSession::open(context.clone(), client());
-        assert!(!suspensions.park(second, Duration::from_secs(60), false));
+        assert!(!suspensions.park(second, Duration::from_secs(60), false, false));
         assert_eq!(suspensions.counts().refused_over_limit, 1);
         suspensions.release_all();
         let killed = ClientSession::open(context.clone(), client());
         context.registry.kill(killed.id());
-        assert!(!suspensions.park(killed, Duration::from_secs(60), false));
+        assert!(!suspensions.park(killed, Duration::from_secs(60), false, false));
         assert!(suspensions.is_empty());
         assert_eq!(context.locks.session_count(), 0);
     }

@@ -355,3 +355,25 @@ async fn given_up(client: &Client) -> ClientError {
     assert_eq!(client.resumes(), 0);
     lost
 }
+
+#[tokio::test]
+async fn a_resumable_client_gives_its_session_up_at_once_when_the_server_shuts_down() {
+    // A shutdown releases every session; its close (1001, "server shutting down") must not be
+    // taken for the idle timeout's, after which the session would still be resumable.
+    let server = wire::start(wire::settings()).await;
+    let client = tokio::time::timeout(
+        BOUND,
+        Client::builder(&server.url())
+            .grace(Duration::from_secs(60))
+            .connect(),
+    )
+    .await
+    .expect("in time")
+    .expect("connect");
+    client.lock(&["k"], Exclusive, None).await.expect("lock");
+    server.stop().await;
+    // Long before the 60 s grace (BOUND is 10 s): the client does not keep trying.
+    let lost = given_up(&client).await;
+    assert_eq!(lost.code(), "connection_lost", "{lost}");
+    assert!(lost.to_string().contains("shutting down"), "{lost}");
+}

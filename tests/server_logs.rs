@@ -1,4 +1,5 @@
-//! What the server writes to its log: never a token, never a request URL, and no flood of lines
+//! What the server writes to its log: never a token, never a resume secret, never a request URL,
+//! and no flood of lines
 //! when a client keeps sending requests without the right token.
 //!
 //! Each test installs a subscriber at TRACE level that writes into a buffer, for this thread only
@@ -152,6 +153,23 @@ async fn tokens_and_request_urls_never_reach_the_log() {
         .fails(json!({"command": "dance"}), "unknown_command")
         .await;
     admin_by_query.ok(json!({"command": "sessions"})).await;
+    // A resumable session: its secret goes out in `hello` and comes back in `resume`, once
+    // wrong and once right, after a blip.
+    let mut resumable = server.connect_as(&format!("?token={TOKEN}"), None).await;
+    let resume_secret = resumable.ask_grace(10_000).await;
+    let resumed_session = resumable.session.clone();
+    drop(resumable);
+    server.wait_suspended(&resumed_session).await;
+    let mut back = server.connect_as(&format!("?token={TOKEN}"), None).await;
+    let wrong_secret = "5ec7e75ec7e75ec7e75ec7e75ec7e7aa";
+    back.fails(
+        json!({"command": "resume", "session": resumed_session, "secret": wrong_secret}),
+        "forbidden",
+    )
+    .await;
+    back.ok(json!({"command": "resume", "session": resumed_session, "secret": resume_secret}))
+        .await;
+    back.close().await;
     admin
         .ok(json!({"command": "kill", "session": by_header.session}))
         .await;
@@ -170,7 +188,16 @@ async fn tokens_and_request_urls_never_reach_the_log() {
     );
     assert!(text.contains("connection opened"), "{text}");
     assert!(text.contains("connection closed"), "{text}");
-    for secret in [TOKEN, ADMIN, WRONG_IN_HEADER, WRONG_IN_QUERY] {
+    assert!(text.contains("resume refused: wrong secret"), "{text}");
+    assert!(text.contains("session resumed"), "{text}");
+    for secret in [
+        TOKEN,
+        ADMIN,
+        WRONG_IN_HEADER,
+        WRONG_IN_QUERY,
+        &resume_secret,
+        wrong_secret,
+    ] {
         assert!(!text.contains(secret), "{secret} logged:\n{text}");
     }
     assert!(!text.contains("?token"), "a request URL logged:\n{text}");

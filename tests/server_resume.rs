@@ -326,6 +326,63 @@ async fn two_resumes_of_one_session_at_once_leave_exactly_one_connection_serving
 }
 
 #[tokio::test]
+async fn a_resumable_session_silenced_by_the_idle_timeout_is_suspended_not_released() {
+    let server = start(ServerSettings {
+        idle_timeout: Some(Duration::from_millis(300)),
+        ..settings()
+    })
+    .await;
+    let mut holder = server.connect().await;
+    let secret = holder.ask_grace(LONG_GRACE_MS).await;
+    let granted = holder.lock(&["k"], "write").await;
+    let session = holder.session.clone();
+    // The client stops reading (so it answers no ping): a half-open connection to the server,
+    // which closes it at the idle timeout.
+    server.wait_suspended(&session).await;
+    assert_eq!(wire::holders(&server.snapshot(), "k")[0].0, session);
+    let mut back = Client::connect(&server.url()).await;
+    let resumed = back.resume(&session, &secret).await;
+    assert_eq!(resumed["tokens"], granted["tokens"], "{resumed}");
+    drop(holder);
+}
+
+#[tokio::test]
+async fn at_most_max_connections_sessions_are_suspended_but_a_takeover_is_never_refused_by_the_limit(
+) {
+    let server = start(ServerSettings {
+        max_connections: 2,
+        ..settings()
+    })
+    .await;
+    suspended_holder(&server, "k1").await;
+    suspended_holder(&server, "k2").await;
+    assert_eq!(server.suspensions().len(), 2);
+    // The limit is reached: a third resumable session that drops is released at once.
+    let mut over = server.connect().await;
+    over.ask_grace(LONG_GRACE_MS).await;
+    over.lock(&["k3"], "write").await;
+    let over_session = over.session.clone();
+    drop(over);
+    server
+        .wait_for("the session over the limit released", |s| {
+            !wire::mentions(s, &over_session)
+        })
+        .await;
+    assert_eq!(server.suspensions().counts().refused_over_limit, 1);
+
+    // A takeover at the limit: the session only changes connections, so it goes through.
+    let mut old = server.connect().await;
+    let secret = old.ask_grace(LONG_GRACE_MS).await;
+    let granted = old.lock(&["k4"], "write").await;
+    let session = old.session.clone();
+    let mut new = Client::connect(&server.url()).await;
+    let resumed = new.resume(&session, &secret).await;
+    assert_eq!(resumed["tokens"], granted["tokens"], "{resumed}");
+    assert_eq!(wire::holders(&server.snapshot(), "k4")[0].0, session);
+    assert_eq!(server.suspensions().len(), 2);
+}
+
+#[tokio::test]
 async fn a_clean_close_releases_even_a_resumable_session() {
     let server = start(settings()).await;
     let mut client = server.connect().await;

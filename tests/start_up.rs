@@ -114,3 +114,27 @@ fn a_busy_default_address_stops_the_binary_naming_it() {
         refused.stderr
     );
 }
+
+#[test]
+fn log_format_json_writes_one_json_object_per_line_with_the_events_fields() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut command = keeping_data_in(dir.path());
+    command.args(["--log-format", "json"]);
+    let server = ServerProcess::start(command);
+    assert!(!server.log.is_empty(), "the start-up lines");
+    for line in &server.log {
+        let event: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("not a JSON object ({e}): {line}"));
+        assert!(event["timestamp"].is_string(), "{line}");
+        assert!(event["level"].is_string(), "{line}");
+        assert!(event["fields"]["message"].is_string(), "{line}");
+    }
+    assert!(
+        server
+            .log
+            .iter()
+            .any(|l| l.contains("stored durably") || l.contains("listening")),
+        "{:?}",
+        server.log
+    );
+}

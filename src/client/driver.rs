@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::resume::{self, Reconnected, ResumeWatch, Resumption, Waiting};
 use super::{ClientBuilder, ClientError};
+use crate::protocol;
 
 /// The client's socket.
 pub(crate) type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
@@ -272,13 +273,15 @@ impl Link {
                             let reason = match frame {
                                 Some(frame) => {
                                     let code = u16::from(frame.code);
-                                    if code == POLICY && frame.reason.contains("resumed") {
+                                    if code == POLICY && frame.reason == protocol::TAKEN_OVER_CLOSE_REASON {
                                         unsolicited = Some(ClientError::TakenOver(frame.reason.to_string()));
                                     }
-                                    // Only the idle timeout (1001, like a shutdown) leaves the
-                                    // session suspended; a kill, a takeover or a connection
-                                    // closed for cause releases it.
-                                    released |= code != GOING_AWAY;
+                                    let shutdown = code == GOING_AWAY && frame.reason == protocol::SHUTDOWN_CLOSE_REASON;
+                                    // Only the idle timeout (1001, with another reason than a
+                                    // shutdown's) leaves the session suspended; a shutdown, a
+                                    // kill, a takeover or a connection closed for cause releases
+                                    // it.
+                                    released |= code != GOING_AWAY || shutdown;
                                     format!("the server closed the connection ({code}: {})", frame.reason)
                                 }
                                 None => "the server closed the connection".into(),

@@ -17,8 +17,8 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use locksmith_lock::{
-    Acquired, Effects, FencingToken, Grant, Key, LockError, LockMode, LockTable, Now, SessionId,
-    Snapshot, Taken,
+    Acquired, BusiestKeys, Effects, FencingToken, Grant, Key, LockError, LockMode, LockTable, Now,
+    SessionId, Snapshot, Taken,
 };
 use uuid::Uuid;
 
@@ -278,6 +278,12 @@ impl LockManager {
     pub fn snapshot_page(&self, prefix: &str, limit: usize) -> (Snapshot, usize) {
         let (keys, more) = self.lock().table.keys_snapshot_page(prefix, limit);
         (Snapshot::from_keys(keys), more)
+    }
+
+    /// The busiest keys and the table's totals, for a live view (see
+    /// [`LockTable::busiest_keys`]).
+    pub fn busiest_keys(&self, limit: usize) -> BusiestKeys {
+        self.lock().table.busiest_keys(limit)
     }
 
     /// Runs `f` on the table under the lock, then wakes the requests it concluded.

@@ -123,7 +123,9 @@ impl ServerProcess {
             let addr = line
                 .split("listening on ws://")
                 .nth(1)
-                .map(|rest| rest.trim().trim_end_matches("/ws").to_owned());
+                // Up to the path: the line may go on (a JSON log line does).
+                .and_then(|rest| rest.split("/ws").next())
+                .map(|addr| addr.trim().to_owned());
             log.push(line);
             if let Some(addr) = addr {
                 break addr.parse().expect("a socket address");

@@ -444,10 +444,20 @@ pub async fn connect_with_origin(
     url: &str,
     origin: &str,
 ) -> Result<Ws, tokio_tungstenite::tungstenite::Error> {
+    connect_with_headers(url, &[("origin", origin)]).await
+}
+
+/// Connects to `url` with extra request headers (`Origin`, `Host`, ...); the handshake result.
+pub async fn connect_with_headers(
+    url: &str,
+    headers: &[(&'static str, &str)],
+) -> Result<Ws, tokio_tungstenite::tungstenite::Error> {
     let mut request = url.into_client_request().expect("a valid request");
-    request
-        .headers_mut()
-        .insert("origin", HeaderValue::from_str(origin).expect("header"));
+    for (name, value) in headers {
+        request
+            .headers_mut()
+            .insert(*name, HeaderValue::from_str(value).expect("header"));
+    }
     tokio::time::timeout(BOUND, tokio_tungstenite::connect_async(request))
         .await
         .expect("handshake in time")

@@ -631,3 +631,43 @@ fn a_request_checked_at_the_limit_up_front_may_wait_and_continue() {
     assert_eq!(grant.taken.acquired, keys(&["k1", "k2", "k3"]));
     assert_eq!(table.held_keys(a), keys(&["k1", "k2", "k3"]));
 }
+
+#[test]
+fn the_busiest_keys_are_the_waited_on_longest_first_then_the_longest_held_and_the_rest_counted() {
+    let (mut table, ids) = table_with(4);
+    let start = Instant::now();
+    let take = |table: &mut LockTable, id, name: &str, ms| {
+        let (acquired, _) = table.acquire(id, &keys(&[name]), X, at(start, ms), true);
+        acquired.expect("valid")
+    };
+    // Held since 0, 10, 20 ms; "b" waited on since 30 ms, "c" since 40 ms.
+    assert!(matches!(
+        take(&mut table, ids[0], "a", 0),
+        Acquired::Granted(_)
+    ));
+    assert!(matches!(
+        take(&mut table, ids[0], "b", 10),
+        Acquired::Granted(_)
+    ));
+    assert!(matches!(
+        take(&mut table, ids[1], "c", 20),
+        Acquired::Granted(_)
+    ));
+    assert_eq!(take(&mut table, ids[2], "c", 30), Acquired::Waiting);
+    assert_eq!(take(&mut table, ids[3], "b", 40), Acquired::Waiting);
+    let names = |listed: &[KeySnapshot]| -> Vec<String> {
+        listed.iter().map(|k| k.key.to_string()).collect()
+    };
+    let busiest = table.busiest_keys(10);
+    assert_eq!(names(&busiest.keys), vec!["c", "b", "a"]);
+    assert_eq!(busiest.more, 0);
+    assert_eq!(busiest.keys[0].queue[0].session, ids[2], "with its queue");
+    assert_eq!(
+        (busiest.holders, busiest.waiters, busiest.keys_with_waiters),
+        (3, 2, 2)
+    );
+    let busiest = table.busiest_keys(2);
+    assert_eq!(names(&busiest.keys), vec!["c", "b"]);
+    assert_eq!(busiest.more, 1);
+    assert_eq!(busiest.holders, 3, "totals count every key");
+}
