@@ -32,6 +32,18 @@ pub fn artifacts_dir() -> PathBuf {
     dir
 }
 
+/// Empties `target/browser/` of the screenshots of an earlier run.
+fn clear_screenshots() {
+    let Ok(entries) = std::fs::read_dir(artifacts_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if entry.path().extension().is_some_and(|e| e == "png") {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
 /// True (after a loud line on stderr) when the browser tests are to be skipped on purpose.
 pub fn skipped() -> bool {
     if std::env::var(SKIP_VARIABLE).is_ok_and(|v| v == "1") {
@@ -189,6 +201,7 @@ impl Browser {
     pub async fn open() -> Browser {
         let chromedriver = find_program(&["chromedriver"]);
         let chromium = find_program(&["chromium", "chromium-browser", "google-chrome"]);
+        clear_screenshots();
         let driver =
             Chromedriver::start(&chromedriver, &artifacts_dir().join("chromedriver.log")).await;
         let capabilities = json!({
@@ -265,7 +278,9 @@ impl Browser {
                 Err(complaint) => complaint,
             };
             if tokio::time::Instant::now() >= deadline {
-                let shot = self.screenshot(&format!("failed-{name}.png")).await;
+                let shot = self
+                    .screenshot(&format!("failed-{}.png", name.replace(' ', "-")))
+                    .await;
                 panic!(
                     "the page did not show {name} within {BOUND:?}: {complaint}\n\
                      the page showed: {state:#}\nscreenshot: {}",
@@ -276,7 +291,7 @@ impl Browser {
         }
     }
 
-    /// Saves a PNG of the window as `target/browser/<file>` and returns its path.
+    /// Saves a PNG of the viewport as `target/browser/<file>` and returns its path.
     pub async fn screenshot(&self, file: &str) -> PathBuf {
         let png = bounded("take a screenshot", self.client.screenshot()).await;
         let path = artifacts_dir().join(file);
