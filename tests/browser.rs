@@ -1,7 +1,9 @@
 //! The live page (`GET /`) in a real browser: headless Chromium, driven over WebDriver, watches
 //! the server while clients over the wire build a wait chain, close a deadlock and let go. The
-//! page's DOM is read as /work/notes/issue10-live.md's contract names it (ids, classes, data
-//! attributes), so these checks hold whatever the page looks like.
+//! page's DOM is read by the names the page promises to keep (ids, classes and data attributes:
+//! `#seq`, `#sessions`, `svg#graph g.node[data-session]`, `g.edge[data-waiter][data-holder]
+//! [data-key]`, `table#keys tr[data-key]`, `ol#deadlocks li.deadlock[data-victim]`, ...), so
+//! these checks hold whatever the page looks like.
 //!
 //! A blank or stale page cannot pass: every step waits for the page to show what the server
 //! holds *now* (nodes, edges and rows naming the real session ids, the headline counts), and

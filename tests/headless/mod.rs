@@ -4,7 +4,8 @@
 //! loopback port, waits until it answers and opens a headless session; dropping the [`Browser`]
 //! kills chromedriver and the browser it started, also when a test panics.
 //!
-//! Every wait here is bounded by [`BOUND`]; nothing sleeps as a way to synchronise.
+//! Every wait here is bounded ([`BOUND`]; [`START_BOUND`] for starting); nothing sleeps as a
+//! way to synchronise.
 #![allow(dead_code)]
 
 use std::net::TcpListener;
@@ -20,6 +21,10 @@ use tokio::net::TcpStream;
 
 /// How long chromedriver, the browser, or the page may take for any one expected event.
 pub const BOUND: Duration = Duration::from_secs(10);
+
+/// How long chromedriver may take to start and the browser to open its first session (a cold
+/// start on a fresh machine reads the whole browser from disk).
+pub const START_BOUND: Duration = Duration::from_secs(30);
 
 /// Set to `1` to skip the browser tests on a machine without Chromium (they fail otherwise).
 pub const SKIP_VARIABLE: &str = "LOCKSMITH_SKIP_BROWSER_TEST";
@@ -86,8 +91,22 @@ struct Chromedriver {
 
 impl Chromedriver {
     /// Starts chromedriver on a free loopback port and waits until its `/status` says it is
-    /// ready.
+    /// ready (within [`START_BOUND`]). Tries three ports: another process may take the free port
+    /// first.
     async fn start(program: &Path, log: &Path) -> Chromedriver {
+        let mut failures = Vec::new();
+        for _ in 0..3 {
+            match Chromedriver::try_start(program, log).await {
+                Ok(driver) => return driver,
+                Err(failure) => failures.push(failure),
+            }
+        }
+        panic!("chromedriver did not start: {failures:#?}");
+    }
+
+    /// Starts chromedriver on a free port; `Err` if it exits before it is ready (the port was
+    /// taken meanwhile, or it cannot run). Fails if it does not answer within [`START_BOUND`].
+    async fn try_start(program: &Path, log: &Path) -> Result<Chromedriver, String> {
         let port = free_port();
         let log_file = std::fs::File::create(log).expect("create the chromedriver log");
         let child = Command::new(program)
@@ -99,28 +118,20 @@ impl Chromedriver {
             .spawn()
             .unwrap_or_else(|e| panic!("start {}: {e}", program.display()));
         let mut driver = Chromedriver { child, port };
-        driver.wait_ready(log).await;
-        driver
-    }
-
-    /// Polls `GET /status` until it answers `"ready": true`; fails after [`BOUND`] or if
-    /// chromedriver exits.
-    async fn wait_ready(&mut self, log: &Path) {
-        let deadline = Instant::now() + BOUND;
+        let deadline = Instant::now() + START_BOUND;
         loop {
-            if let Some(status) = self.child.try_wait().expect("poll chromedriver") {
-                panic!(
-                    "chromedriver exited ({status}) before it was ready; its log: {}",
+            if let Some(status) = driver.child.try_wait().expect("poll chromedriver") {
+                return Err(format!(
+                    "chromedriver exited ({status}) before it was ready; its output: {}",
                     std::fs::read_to_string(log).unwrap_or_default()
-                );
+                ));
             }
-            if status_ready(self.port).await {
-                return;
+            if status_ready(port).await {
+                return Ok(driver);
             }
             assert!(
                 Instant::now() < deadline,
-                "chromedriver did not answer ready on port {} within {BOUND:?}",
-                self.port
+                "chromedriver did not answer ready on port {port} within {START_BOUND:?}"
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -180,10 +191,19 @@ async fn bounded<T, E: std::fmt::Display>(
     what: &str,
     call: impl std::future::Future<Output = Result<T, E>>,
 ) -> T {
-    match tokio::time::timeout(BOUND, call).await {
+    bounded_by(BOUND, what, call).await
+}
+
+/// The value of `call`, which must succeed within `bound`.
+async fn bounded_by<T, E: std::fmt::Display>(
+    bound: Duration,
+    what: &str,
+    call: impl std::future::Future<Output = Result<T, E>>,
+) -> T {
+    match tokio::time::timeout(bound, call).await {
         Ok(Ok(value)) => value,
         Ok(Err(e)) => panic!("{what}: {e}"),
-        Err(_) => panic!("{what}: no answer within {BOUND:?}"),
+        Err(_) => panic!("{what}: no answer within {bound:?}"),
     }
 }
 
@@ -217,7 +237,8 @@ impl Browser {
             unreachable!("an object")
         };
         let connector = hyper_util::client::legacy::connect::HttpConnector::new();
-        let session = bounded(
+        let session = bounded_by(
+            START_BOUND,
             &format!("open a headless {} session", chromium.display()),
             ClientBuilder::new(connector)
                 .capabilities(capabilities)
