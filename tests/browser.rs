@@ -28,8 +28,12 @@ use serde_json::json;
 /// the contract's elements and attributes, as JSON.
 const READ_PAGE: &str = r#"
 const all = (selector, root) => Array.from((root || document).querySelectorAll(selector));
-const text = (id) => { const e = document.getElementById(id); return e ? e.textContent.trim() : null; };
-const sessions = (cell) => cell ? all("span.entry[data-session]", cell).map((s) => s.getAttribute("data-session")) : [];
+const text = (id) => {
+  const e = document.getElementById(id);
+  return e ? e.textContent.trim() : null;
+};
+const sessions = (cell) =>
+  cell ? all("span.entry[data-session]", cell).map((s) => s.getAttribute("data-session")) : [];
 return {
   stream: document.body.getAttribute("data-stream"),
   seq: text("seq"),
