@@ -457,6 +457,28 @@ fn handoff(c: &mut Criterion) {
     group.finish();
 }
 
+// ----- f) the live view ----------------------------------------------------------------------
+
+/// What one update of the live page costs the table: `busiest_keys(50)` over a table where each
+/// of `held` sessions holds one key and every hundredth session also waits for its neighbour's.
+fn live_view(c: &mut Criterion) {
+    let mut group = c.benchmark_group("live_view");
+    for held in [1_000usize, 10_000, 100_000] {
+        let now = Instant::now();
+        let (mut table, sessions) = holders(held - 1, now);
+        for i in (1..held).step_by(100) {
+            let acquired =
+                table_acquire(&mut table, sessions[i], &[key(i - 1)], LockMode::Exclusive, now);
+            assert!(matches!(acquired, Ok(Acquired::Waiting)));
+        }
+        group.throughput(Throughput::Elements(held as u64));
+        group.bench_function(BenchmarkId::new("busiest_50_keys", held), |b| {
+            b.iter(|| std::hint::black_box(table.busiest_keys(50)))
+        });
+    }
+    group.finish();
+}
+
 fn config() -> Criterion {
     Criterion::default()
         .warm_up_time(Duration::from_secs(1))
@@ -467,6 +489,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = benches;
     config = config();
-    targets = uncontended, sorted_8_keys, contended, wait_and_cycle_check, handoff
+    targets = uncontended, sorted_8_keys, contended, wait_and_cycle_check, handoff, live_view
 }
 criterion_main!(benches);

@@ -3,7 +3,9 @@
 //! WebSocket at `/live` to whoever watches.
 //!
 //! Each watcher's socket has its own loop: every [`PUSH_INTERVAL`] it builds the view and sends
-//! it if it changed (and at least every [`HEARTBEAT`]). Nothing is built when nobody watches. A
+//! it if it changed (and at least every [`HEARTBEAT`]). Nothing is built when nobody watches. On
+//! a huge table, where a view takes milliseconds to build, the loop waits 40 times that between
+//! views (see [`MUTEX_SHARE`]). A
 //! view is bounded whatever the table holds: the [`LIVE_KEYS`] busiest keys (waited-on first,
 //! the longest wait first, then the longest held), how many more there are, and the edges among
 //! the keys listed. Building it takes the lock manager's mutex once, for one pass over the keys
@@ -17,7 +19,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::extract::ws::{Message, WebSocket};
 use serde_json::{json, Map, Value};
-use tokio::time::{Instant, MissedTickBehavior};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::deadlocks::Deadlock;
@@ -29,6 +31,10 @@ pub const LIVE_KEYS: usize = 50;
 
 /// How often a watcher's view is rebuilt (and sent, if it changed): at most 4 updates a second.
 pub const PUSH_INTERVAL: Duration = Duration::from_millis(250);
+
+/// How many times longer than building a view the wait until the next one is, at least: views
+/// take at most about 1/40 (2.5 %) of the lock manager's time, however big the table.
+const MUTEX_SHARE: u32 = 40;
 
 /// Longest time between two updates, changed or not: the page knows its stream is alive.
 pub const HEARTBEAT: Duration = Duration::from_secs(2);
@@ -51,11 +57,10 @@ pub mod assets {
 
 /// Serves one watcher until it closes its socket, stops reading, or the server shuts down.
 pub async fn serve(mut socket: WebSocket, context: SessionContext, shutdown: CancellationToken) {
-    let mut ticks = tokio::time::interval(PUSH_INTERVAL);
-    ticks.set_missed_tick_behavior(MissedTickBehavior::Skip);
     let mut rate = DeadlockRate::default();
     let mut last_sent: Option<(Value, Instant)> = None;
     let mut seq = 0u64;
+    let mut next = Instant::now();
     loop {
         tokio::select! {
             biased;
@@ -65,10 +70,13 @@ pub async fn serve(mut socket: WebSocket, context: SessionContext, shutdown: Can
                 Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
                 Some(Ok(_)) => continue,
             },
-            _ = ticks.tick() => {}
+            () = tokio::time::sleep_until(next) => {}
         }
         let now = Instant::now();
         let view = view(&context, &mut rate, now);
+        // A huge table makes a view slow to build, under the lock manager's mutex: then views
+        // are built less often, so that building them takes at most 1/MUTEX_SHARE of the time.
+        next = now + PUSH_INTERVAL.max(now.elapsed() * MUTEX_SHARE);
         let due = match &last_sent {
             None => true,
             Some((last, at)) => *last != view || now.duration_since(*at) >= HEARTBEAT,

@@ -56,6 +56,29 @@ function renderKeys(snapshot) {
   more.textContent = snapshot.more_keys > 0 ? snapshot.more_keys + " more keys not shown" : "";
 }
 
+// The order of the nodes around the circle: each holder followed by those waiting for it, depth
+// first, so that a chain of waits sits side by side instead of crossing the circle.
+function circleOrder(ids, edges) {
+  const waitersOf = new Map();
+  const waiting = new Set();
+  for (const e of edges) {
+    waiting.add(e.waiter);
+    if (!waitersOf.has(e.holder)) waitersOf.set(e.holder, []);
+    waitersOf.get(e.holder).push(e.waiter);
+  }
+  const order = [];
+  const seen = new Set();
+  const visit = (id) => {
+    if (seen.has(id)) return;
+    seen.add(id);
+    order.push(id);
+    for (const w of (waitersOf.get(id) || []).sort()) visit(w);
+  };
+  ids.filter((id) => !waiting.has(id)).forEach(visit);
+  ids.forEach(visit);
+  return order;
+}
+
 function renderGraph(snapshot) {
   // Nodes: every session holding or waiting for a listed key.
   const sessions = new Map();
@@ -64,7 +87,7 @@ function renderGraph(snapshot) {
     for (const h of key.holders) sessions.set(h.session, h);
     for (const w of key.waiters) { sessions.set(w.session, sessions.get(w.session) || w); waiting.add(w.session); }
   }
-  const ids = [...sessions.keys()].sort();
+  const ids = circleOrder([...sessions.keys()].sort(), snapshot.edges);
   const cx = 300, cy = 210, r = ids.length > 1 ? 160 : 0;
   const at = new Map(ids.map((id, i) => {
     const angle = -Math.PI / 2 + (2 * Math.PI * i) / Math.max(ids.length, 1);
@@ -76,7 +99,8 @@ function renderGraph(snapshot) {
                             transform: `translate(${p.x.toFixed(1)},${p.y.toFixed(1)})` });
     g.append(el("svg:title", {}, id));
     g.append(el("svg:circle", { r: "26" }));
-    g.append(el("svg:text", {}, label(sessions.get(id))));
+    const text = label(sessions.get(id));
+    g.append(el("svg:text", {}, text.length > 9 ? text.slice(0, 8) + "…" : text));
     return g;
   });
   const edges = snapshot.edges.map((edge) => {
