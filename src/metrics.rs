@@ -383,7 +383,9 @@ impl CommitMetrics {
 /// The metrics read at scrape time: the lock table's gauges, the suspended sessions, and the
 /// suspension counters.
 struct Live {
+    /// The lock table's gauges ([`LockManager::gauges`]).
     locks: LockManager,
+    /// How many sessions are suspended, and the suspension counters.
     suspensions: Suspensions,
 }
 

@@ -134,7 +134,8 @@ impl Command {
 }
 
 /// The commands by name only: what the metrics label a request with. The set is fixed, so a
-/// recorder can keep one slot per kind (`kind as usize`).
+/// recorder can keep one slot per kind (`kind as usize`). Each variant is the [`Command`] of
+/// the same name.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum CommandKind {
     Lock,
