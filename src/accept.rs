@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tower_service::Service;
 
 use crate::log_limit::{log_limited, LogLimit, REFUSAL_LOG_INTERVAL};
+use crate::metrics::{Metrics, Refusal};
 
 /// The first pause of the accept loop when the process is out of file descriptors (or the
 /// kernel out of memory for sockets); it doubles with every failure in a row, up to
@@ -60,6 +61,7 @@ pub(crate) async fn serve_listener(
     tcp_slots: Arc<Semaphore>,
     handshake_timeout: Option<Duration>,
     shutdown: CancellationToken,
+    metrics: Metrics,
 ) -> io::Result<()> {
     let mut connections = JoinSet::new();
     let mut backoff = ACCEPT_BACKOFF_MIN;
@@ -94,6 +96,9 @@ pub(crate) async fn serve_listener(
                         Ok(Ok(_))
                     );
                 spare = spare_descriptor();
+                if refused {
+                    metrics.refused(Refusal::OutOfDescriptors);
+                }
                 if refused && spare.is_some() {
                     continue;
                 }
@@ -110,6 +115,7 @@ pub(crate) async fn serve_listener(
             }
         };
         let Ok(slot) = tcp_slots.clone().try_acquire_owned() else {
+            metrics.refused(Refusal::Busy);
             log_limited(&full_log, |suppressed| {
                 tracing::warn!(
                     %peer,
@@ -137,6 +143,7 @@ pub(crate) async fn serve_listener(
             app.clone(),
             handshake_timeout,
             shutdown.clone(),
+            metrics.clone(),
         ));
     }
     drop(listener);
@@ -188,6 +195,7 @@ async fn serve_http(
     app: Router,
     handshake_timeout: Option<Duration>,
     shutdown: CancellationToken,
+    metrics: Metrics,
 ) {
     let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
         request.extensions_mut().insert(ConnectInfo(peer));
@@ -215,6 +223,7 @@ async fn serve_http(
                 return;
             }
             () = &mut deadline => {
+                metrics.refused(Refusal::HandshakeTimeout);
                 tracing::debug!(%peer, "handshake timeout: closing the connection");
                 return;
             }

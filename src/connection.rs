@@ -21,6 +21,11 @@
 //! released the session's locks; the request in progress and every queued one are answered
 //! `killed`, then the socket is closed with code 1008.
 //!
+//! Metrics: every answered request is counted once, with its command and answer code, and timed
+//! from its decoding (the arrival of its frame) to its answer being sent
+//! ([`Metrics::request`]); that includes the answers of a shutdown, a kill or a takeover, and
+//! frames that could not be decoded (command `invalid` when not even the command could be read).
+//!
 //! Frames the server cannot take end the connection with the matching close code: over the size
 //! limit 1009 (after a `too_large` answer), a text frame that is not UTF-8 1007 (after a
 //! `bad_request` answer), broken WebSocket framing 1002.
@@ -38,7 +43,10 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::lock::LockError;
-use crate::protocol::{self, Command, Limits, Reply, Request, ServiceError};
+use crate::metrics::Metrics;
+use crate::protocol::{
+    self, Command, CommandKind, Limits, Reply, Request, ServiceError, Undecoded,
+};
 use crate::session::{Client, ClientSession, SessionContext};
 
 /// Most requests a client may send ahead of their answers; more close the connection (1008).
@@ -71,25 +79,57 @@ pub struct ConnectionSettings {
 
 /// A frame waiting for its turn, decoded when it arrived.
 enum Incoming {
-    /// A request to carry out, or the error to answer it with (and its id, if it could be read).
-    Decoded(Result<Request, (Option<Value>, ServiceError)>),
-    /// A request already carried out (a `cancel` that withdrew nothing): its answer, to send in
-    /// turn.
+    /// A request to carry out, or the error to answer it with (and its id and command, if they
+    /// could be read); `at` is when it was decoded (for the request's duration).
+    Decoded {
+        decoded: Result<Request, Undecoded>,
+        at: Instant,
+    },
+    /// A request already carried out (a `cancel` that withdrew nothing, already counted): its
+    /// answer, to send in turn.
     Answered(String),
 }
 
 impl Incoming {
-    /// The id to echo when the request is answered without being carried out.
-    fn id(&self) -> Option<Value> {
-        match self {
-            Incoming::Decoded(Ok(request)) => request.id.clone(),
-            Incoming::Decoded(Err((id, _))) => id.clone(),
-            Incoming::Answered(_) => None,
+    /// A frame decoded now.
+    fn decode(text: &str, limits: Limits) -> Self {
+        Incoming::Decoded {
+            decoded: protocol::decode_frame(text, limits),
+            at: Instant::now(),
         }
     }
 }
 
-type InFlight<'a> = Pin<Box<dyn Future<Output = Result<Reply, ServiceError>> + Send + 'a>>;
+/// The command of a decoded frame, if known (`None`: the metrics' `invalid`).
+fn command_of(decoded: &Result<Request, Undecoded>) -> Option<CommandKind> {
+    match decoded {
+        Ok(request) => Some(request.command.kind()),
+        Err(undecoded) => undecoded.command,
+    }
+}
+
+/// The code a request is answered with, for the metrics.
+fn code_of<T>(result: &Result<T, ServiceError>) -> &'static str {
+    match result {
+        Ok(_) => "ok",
+        Err(error) => error.code(),
+    }
+}
+
+/// Carrying out one request.
+type RequestFuture<'a> = Pin<Box<dyn Future<Output = Result<Reply, ServiceError>> + Send + 'a>>;
+
+/// The request being carried out.
+struct InFlight<'a> {
+    /// Its id, to echo.
+    id: Option<Value>,
+    /// Its command (for the metrics).
+    command: CommandKind,
+    /// When it was decoded (for the metrics).
+    at: Instant,
+    /// Carrying it out.
+    future: RequestFuture<'a>,
+}
 
 /// Why a connection ended, for the log.
 #[derive(Debug)]
@@ -108,6 +148,7 @@ enum Ending {
     /// The next request is a `resume` (not an ending: [`serve`] carries it out and goes on).
     Resume {
         id: Option<Value>,
+        at: Instant,
         target: crate::lock::SessionId,
         secret: crate::auth::Secret,
     },
@@ -134,6 +175,7 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) {
     let peer: SocketAddr = client.peer;
+    let metrics = context.metrics.clone();
     let mut session = ClientSession::open(context, client.clone());
     tracing::debug!(session = %session.id(), %peer, "connection opened");
     let mut served = 0u64;
@@ -157,11 +199,18 @@ pub async fn serve(
                     settings,
                     &shutdown,
                     &mut served,
+                    &metrics,
                 )
                 .await
             }
         };
-        if let Ending::Resume { id, target, secret } = ending {
+        if let Ending::Resume {
+            id,
+            at,
+            target,
+            secret,
+        } = ending
+        {
             // The loop stops for a resume only with nothing in flight.
             queued = std::mem::take(&mut owed.queued);
             drop(owed);
@@ -169,6 +218,10 @@ pub async fn serve(
             let resumed = tokio::select! {
                 resumed = session.resume(target, &secret) => resumed,
                 () = shutdown.cancelled() => Err(ServiceError::ShuttingDown),
+            };
+            let code = match &resumed {
+                Ok(_) => "ok",
+                Err(error) => error.code(),
             };
             let text = match resumed {
                 Ok(mut resumed) => {
@@ -186,15 +239,16 @@ pub async fn serve(
                 killed: session.killed(),
                 detached: session.detached(),
             };
-            if let Err(ending) = send_unless_stopped(
+            let sent = send_unless_stopped(
                 &mut socket,
                 text,
                 settings.idle_timeout,
                 &stops,
                 &mut unsent,
             )
-            .await
-            {
+            .await;
+            metrics.request(Some(CommandKind::Resume), code, at.elapsed());
+            if let Err(ending) = sent {
                 ended = Some(ending);
             }
             continue;
@@ -209,6 +263,7 @@ pub async fn serve(
                     &ServiceError::ShuttingDown,
                     close_code::GOING_AWAY,
                     protocol::SHUTDOWN_CLOSE_REASON,
+                    &metrics,
                 )),
                 CancellationToken::new(),
             ),
@@ -217,6 +272,7 @@ pub async fn serve(
                     &ServiceError::Killed,
                     close_code::POLICY,
                     "killed by an administrator",
+                    &metrics,
                 )),
                 shutdown.clone(),
             ),
@@ -225,6 +281,7 @@ pub async fn serve(
                     &ServiceError::TakenOver,
                     close_code::POLICY,
                     protocol::TAKEN_OVER_CLOSE_REASON,
+                    &metrics,
                 )),
                 shutdown.clone(),
             ),
@@ -270,11 +327,14 @@ const SETTLE_LIMIT: Duration = Duration::from_secs(10);
 /// withdrawn (it then fails at once), and a write past its wait completes its commit. Returns
 /// whether a lock wait was withdrawn.
 async fn settle(session: &ClientSession, owed: &mut Owed<'_>) -> bool {
-    let Some((_, in_flight)) = owed.in_flight.as_mut() else {
+    let Some(in_flight) = owed.in_flight.as_mut() else {
         return false;
     };
     let withdrew = session.cancel_wait();
-    if tokio::time::timeout(SETTLE_LIMIT, in_flight).await.is_err() {
+    if tokio::time::timeout(SETTLE_LIMIT, &mut in_flight.future)
+        .await
+        .is_err()
+    {
         tracing::warn!(session = %session.id(), "a request did not settle in {SETTLE_LIMIT:?}; abandoning it");
     }
     withdrew
@@ -284,8 +344,8 @@ async fn settle(session: &ClientSession, owed: &mut Owed<'_>) -> bool {
 /// their turn.
 #[derive(Default)]
 struct Owed<'a> {
-    /// The request being carried out, with its id.
-    in_flight: Option<(Option<Value>, InFlight<'a>)>,
+    /// The request being carried out.
+    in_flight: Option<InFlight<'a>>,
     /// Answers of `cancel`s that withdrew the request in flight: sent right after its answer.
     after_in_flight: Vec<String>,
     /// Requests waiting for their turn, decoded when they arrived.
@@ -296,17 +356,38 @@ impl Owed<'_> {
     /// The answers owed when the connection ends early (shutdown, kill): `error` for the request
     /// in flight, then the answers of `cancel`s that withdrew it, then, in order, `error` for
     /// every queued request (a queued request already carried out keeps its answer); then the
-    /// close frame.
-    fn farewell(self, error: &ServiceError, code: u16, reason: &'static str) -> Farewell {
+    /// close frame. Each request answered `error` is counted in `metrics` (as answered now:
+    /// the answers go out right after, as far as the client takes them).
+    fn farewell(
+        self,
+        error: &ServiceError,
+        code: u16,
+        reason: &'static str,
+        metrics: &Metrics,
+    ) -> Farewell {
         let mut answers: Vec<String> = self
             .in_flight
-            .map(|(id, _)| protocol::encode_error(id.as_ref(), error))
+            .map(|in_flight| {
+                metrics.request(
+                    Some(in_flight.command),
+                    error.code(),
+                    in_flight.at.elapsed(),
+                );
+                protocol::encode_error(in_flight.id.as_ref(), error)
+            })
             .into_iter()
             .collect();
         answers.extend(self.after_in_flight);
         answers.extend(self.queued.into_iter().map(|incoming| match incoming {
             Incoming::Answered(text) => text,
-            other => protocol::encode_error(other.id().as_ref(), error),
+            Incoming::Decoded { decoded, at } => {
+                metrics.request(command_of(&decoded), error.code(), at.elapsed());
+                let id = match decoded {
+                    Ok(request) => request.id,
+                    Err(undecoded) => undecoded.id,
+                };
+                protocol::encode_error(id.as_ref(), error)
+            }
         }));
         Farewell {
             answers,
@@ -379,6 +460,7 @@ async fn run<'a>(
     settings: ConnectionSettings,
     shutdown: &CancellationToken,
     served: &mut u64,
+    metrics: &Metrics,
 ) -> Ending {
     let Owed {
         in_flight,
@@ -406,8 +488,8 @@ async fn run<'a>(
             let Some(next) = queued.pop_front() else {
                 break;
             };
-            let decoded = match next {
-                Incoming::Decoded(decoded) => decoded,
+            let (decoded, at) = match next {
+                Incoming::Decoded { decoded, at } => (decoded, at),
                 Incoming::Answered(text) => {
                     *served += 1;
                     if let Err(ending) =
@@ -427,19 +509,31 @@ async fn run<'a>(
                             secret,
                         },
                     ..
-                }) => return Ending::Resume { id, target, secret },
-                Ok(request) => {
-                    let id = request.id.clone();
-                    *in_flight =
-                        Some((id, Box::pin(async move { session.execute(&request).await })));
+                }) => {
+                    return Ending::Resume {
+                        id,
+                        at,
+                        target,
+                        secret,
+                    }
                 }
-                Err((id, error)) => {
+                Ok(request) => {
+                    *in_flight = Some(InFlight {
+                        id: request.id.clone(),
+                        command: request.command.kind(),
+                        at,
+                        future: Box::pin(async move { session.execute(&request).await }),
+                    });
+                }
+                Err(Undecoded { id, command, error }) => {
                     *served += 1;
                     tracing::debug!(session = %session.id(), code = error.code(), "bad request");
                     let text = protocol::encode_error(id.as_ref(), &error);
-                    if let Err(ending) =
-                        send_unless_stopped(socket, text, send_limit, &stops, after_in_flight).await
-                    {
+                    let sent =
+                        send_unless_stopped(socket, text, send_limit, &stops, after_in_flight)
+                            .await;
+                    metrics.request(command, error.code(), at.elapsed());
+                    if let Err(ending) = sent {
                         return ending;
                     }
                 }
@@ -454,8 +548,8 @@ async fn run<'a>(
         tokio::select! {
             biased;
             () = shutdown.cancelled() => return Ending::Shutdown,
-            result = async { match in_flight.as_mut() { Some((_, future)) => future.await, None => std::future::pending().await } }, if in_flight.is_some() => {
-                let id = in_flight.take().and_then(|(id, _)| id);
+            result = async { match in_flight.as_mut() { Some(in_flight) => (&mut in_flight.future).await, None => std::future::pending().await } }, if in_flight.is_some() => {
+                let Some(InFlight { id, command, at, .. }) = in_flight.take() else { continue };
                 *served += 1;
                 // The kill closed the session under the request (the kill's last resort): say
                 // why it failed.
@@ -467,9 +561,15 @@ async fn run<'a>(
                     Ok(reply) => protocol::encode_reply(id.as_ref(), reply),
                     Err(error) => protocol::encode_error(id.as_ref(), error),
                 };
+                let code = code_of(&result);
                 let mut answers = std::iter::once(text).chain(std::mem::take(after_in_flight)).collect::<VecDeque<_>>();
+                let mut first = true;
                 while let Some(text) = answers.pop_front() {
-                    if let Err(ending) = send_unless_stopped(socket, text, send_limit, &stops, after_in_flight).await {
+                    let sent = send_unless_stopped(socket, text, send_limit, &stops, after_in_flight).await;
+                    if std::mem::take(&mut first) {
+                        metrics.request(Some(command), code, at.elapsed());
+                    }
+                    if let Err(ending) = sent {
                         after_in_flight.extend(answers);
                         return ending;
                     }
@@ -480,7 +580,7 @@ async fn run<'a>(
                 // readable count as queued: they are answered `killed` (`taken_over`) too, not
                 // dropped unanswered.
                 while let Some(Some(Ok(Message::Text(text)))) = socket.recv().now_or_never() {
-                    queued.push_back(Incoming::Decoded(protocol::decode(text.as_str(), settings.limits)));
+                    queued.push_back(Incoming::decode(text.as_str(), settings.limits));
                 }
                 return ending;
             }
@@ -500,29 +600,36 @@ async fn run<'a>(
                             close(socket, close_code::POLICY, "too many pipelined requests", close_limit).await;
                             return Ending::TooManyPipelined;
                         }
-                        let decoded = protocol::decode(text.as_str(), settings.limits);
+                        let decoded = protocol::decode_frame(text.as_str(), settings.limits);
                         match decoded {
                             Ok(Request { command: Command::Cancel, id, .. }) => {
                                 let withdrawn = in_flight.is_some() && session.cancel_wait();
                                 let answer = protocol::encode_reply(id.as_ref(), &Reply::Cancelled(withdrawn));
+                                metrics.request(Some(CommandKind::Cancel), "ok", last_heard.elapsed());
                                 if withdrawn {
                                     after_in_flight.push(answer);
                                 } else {
                                     queued.push_back(Incoming::Answered(answer));
                                 }
                             }
-                            decoded => queued.push_back(Incoming::Decoded(decoded)),
+                            decoded => queued.push_back(Incoming::Decoded { decoded, at: last_heard }),
                         }
                     }
-                    Some(Ok(Message::Binary(_))) => queued.push_back(Incoming::Decoded(Err((None,
-                        ServiceError::BadRequest("binary frames are not supported: send JSON in a text frame".into()),
-                    )))),
+                    Some(Ok(Message::Binary(_))) => queued.push_back(Incoming::Decoded {
+                        decoded: Err(Undecoded {
+                            id: None,
+                            command: None,
+                            error: ServiceError::BadRequest("binary frames are not supported: send JSON in a text frame".into()),
+                        }),
+                        at: last_heard,
+                    }),
                     Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
                     Some(Err(error)) => match classify(&error) {
                         ReadError::TooLarge => {
                             let too_large = ServiceError::TooLarge { limit: settings.max_message_bytes };
                             let text = protocol::encode_error(None, &too_large);
                             let _ = send(socket, Message::Text(text.into()), Some(close_limit)).await;
+                            metrics.request(None, too_large.code(), last_heard.elapsed());
                             close(socket, close_code::TOO_BIG, "message too large", close_limit).await;
                             return Ending::TooLarge;
                         }
@@ -530,6 +637,7 @@ async fn run<'a>(
                             let not_utf8 = ServiceError::BadRequest("a text frame must be valid UTF-8".into());
                             let text = protocol::encode_error(None, &not_utf8);
                             let _ = send(socket, Message::Text(text.into()), Some(close_limit)).await;
+                            metrics.request(None, not_utf8.code(), last_heard.elapsed());
                             close(socket, close_code::INVALID_DATA, "text frame is not valid UTF-8", close_limit).await;
                             return Ending::NotUtf8;
                         }

@@ -15,6 +15,7 @@
 //! - [`config`]: command-line and environment configuration.
 //! - [`auth`]: the `--token` / `--admin-token` checks (constant time; tokens never logged).
 //! - [`log_limit`]: a rate limit for log lines that come in storms (deadlocks, refused tokens).
+//! - [`metrics`]: the Prometheus metrics of `/metrics` (one registry per server).
 //! - [`client`]: the typed async client of the protocol (the other side of the wire).
 //! - [`cli`]: the `locksmith` command line: `serve` and the client commands, built on [`client`].
 
@@ -29,6 +30,7 @@ pub mod listen;
 pub mod live;
 pub mod lock;
 pub mod log_limit;
+pub mod metrics;
 pub mod protocol;
 pub mod registry;
 pub mod server;

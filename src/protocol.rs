@@ -120,6 +120,108 @@ pub enum Command {
     Kill { session: SessionId },
 }
 
+impl Command {
+    /// Which command this is, without its fields.
+    pub fn kind(&self) -> CommandKind {
+        match self {
+            Command::Lock { .. } => CommandKind::Lock,
+            Command::Unlock { .. } => CommandKind::Unlock,
+            Command::Read { .. } => CommandKind::Read,
+            Command::Write { .. } => CommandKind::Write,
+            Command::Delete { .. } => CommandKind::Delete,
+            Command::Ping => CommandKind::Ping,
+            Command::Locks { .. } => CommandKind::Locks,
+            Command::Session => CommandKind::Session,
+            Command::Hello { .. } => CommandKind::Hello,
+            Command::Resume { .. } => CommandKind::Resume,
+            Command::Sessions { .. } => CommandKind::Sessions,
+            Command::Keys { .. } => CommandKind::Keys,
+            Command::Cancel => CommandKind::Cancel,
+            Command::Kill { .. } => CommandKind::Kill,
+        }
+    }
+}
+
+/// The commands by name only: what the metrics label a request with. The set is fixed, so a
+/// recorder can keep one slot per kind (`kind as usize`). Each variant is the [`Command`] of
+/// the same name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum CommandKind {
+    Lock,
+    Unlock,
+    Read,
+    Write,
+    Delete,
+    Ping,
+    Locks,
+    Session,
+    Hello,
+    Resume,
+    Sessions,
+    Keys,
+    Cancel,
+    Kill,
+}
+
+impl CommandKind {
+    /// Every kind, in declaration order (`ALL[k as usize] == k`).
+    pub const ALL: [CommandKind; 14] = [
+        CommandKind::Lock,
+        CommandKind::Unlock,
+        CommandKind::Read,
+        CommandKind::Write,
+        CommandKind::Delete,
+        CommandKind::Ping,
+        CommandKind::Locks,
+        CommandKind::Session,
+        CommandKind::Hello,
+        CommandKind::Resume,
+        CommandKind::Sessions,
+        CommandKind::Keys,
+        CommandKind::Cancel,
+        CommandKind::Kill,
+    ];
+
+    /// The `command` field that names it.
+    pub fn name(self) -> &'static str {
+        match self {
+            CommandKind::Lock => "lock",
+            CommandKind::Unlock => "unlock",
+            CommandKind::Read => "read",
+            CommandKind::Write => "write",
+            CommandKind::Delete => "delete",
+            CommandKind::Ping => "ping",
+            CommandKind::Locks => "locks",
+            CommandKind::Session => "session",
+            CommandKind::Hello => "hello",
+            CommandKind::Resume => "resume",
+            CommandKind::Sessions => "sessions",
+            CommandKind::Keys => "keys",
+            CommandKind::Cancel => "cancel",
+            CommandKind::Kill => "kill",
+        }
+    }
+
+    /// The kind a `command` field names, if it names one.
+    pub fn from_name(name: &str) -> Option<Self> {
+        CommandKind::ALL
+            .into_iter()
+            .find(|kind| kind.name() == name)
+    }
+}
+
+/// A frame that could not be decoded into a [`Request`]: what is known of it, and why.
+#[derive(Debug)]
+pub struct Undecoded {
+    /// The request's `id`, if it could be read (an error answer echoes it).
+    pub id: Option<Value>,
+    /// The command it names, if its `command` field names one (`None`: not even that could be
+    /// read, or the command is unknown).
+    pub command: Option<CommandKind>,
+    /// The error to answer with.
+    pub error: ServiceError,
+}
+
 /// Why a request failed, as sent on the wire. Every variant has a stable [`code`](Self::code).
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
@@ -325,13 +427,35 @@ pub enum Reply {
 /// The `ServiceError` to answer with, plus the request's `id` if one could be read (so even an
 /// error answer echoes it).
 pub fn decode(text: &str, limits: Limits) -> Result<Request, (Option<Value>, ServiceError)> {
-    let value: Value = serde_json::from_str(text)
-        .map_err(|e| (None, ServiceError::bad(format!("invalid JSON: {e}"))))?;
-    let Value::Object(object) = value else {
-        return Err((None, ServiceError::bad("a request must be a JSON object")));
+    decode_frame(text, limits).map_err(|undecoded| (undecoded.id, undecoded.error))
+}
+
+/// Decodes one text frame, as [`decode`], saying on error which command the frame named (for
+/// the metrics).
+///
+/// # Errors
+/// [`Undecoded`]: the error to answer with, and the `id` and command if they could be read.
+pub fn decode_frame(text: &str, limits: Limits) -> Result<Request, Undecoded> {
+    let unreadable = |error| Undecoded {
+        id: None,
+        command: None,
+        error,
     };
-    let id = object.get("id").cloned();
-    decode_object(&object, limits).map_err(|e| (id.clone(), e))
+    let value: Value = serde_json::from_str(text)
+        .map_err(|e| unreadable(ServiceError::bad(format!("invalid JSON: {e}"))))?;
+    let Value::Object(object) = value else {
+        return Err(unreadable(ServiceError::bad(
+            "a request must be a JSON object",
+        )));
+    };
+    decode_object(&object, limits).map_err(|error| Undecoded {
+        id: object.get("id").cloned(),
+        command: match object.get("command") {
+            Some(Value::String(name)) => CommandKind::from_name(name),
+            _ => None,
+        },
+        error,
+    })
 }
 
 fn decode_object(object: &Map<String, Value>, limits: Limits) -> Result<Request, ServiceError> {
@@ -857,6 +981,7 @@ fn finish(mut object: Map<String, Value>, id: Option<&Value>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
     use proptest::prelude::*;
 
     const LIMITS: Limits = Limits {
@@ -1262,5 +1387,22 @@ mod tests {
                     .prop_map(|entries| Value::Object(entries.into_iter().collect())),
             ]
         })
+    }
+
+    #[test]
+    fn every_command_kind_is_named_as_the_decoder_reads_it() {
+        // The metrics label requests with these names; a kind whose name the decoder did not
+        // know would never be seen.
+        for kind in CommandKind::ALL {
+            assert_eq!(CommandKind::ALL[kind as usize], kind);
+            assert_eq!(CommandKind::from_name(kind.name()), Some(kind));
+            let text = json!({"command": kind.name()}).to_string();
+            match decode_frame(&text, LIMITS) {
+                Ok(request) => assert_eq!(request.command.kind(), kind),
+                Err(undecoded) => assert_eq!(undecoded.command, Some(kind), "{text}"),
+            }
+        }
+        let unknown = decode_frame(r#"{"command":"dance"}"#, LIMITS).expect_err("unknown");
+        assert_eq!(unknown.command, None);
     }
 }

@@ -1,5 +1,5 @@
 //! The server: serving on listeners already bound ([`crate::listen`] binds them), the HTTP routes
-//! (`/ws`, `/healthz`), the connection limit, the `Origin` check, and graceful shutdown.
+//! (`/ws`, `/healthz`, `/metrics`), the connection limit, the `Origin` check, and graceful shutdown.
 //!
 //! Each listener runs an accept loop of our own ([`serve_listener`]) that serves every
 //! connection as HTTP/1 with the axum router. A connection must complete its WebSocket upgrade
@@ -52,6 +52,7 @@ use crate::deadlocks::DeadlockHistory;
 use crate::live;
 use crate::lock::{LockManager, LockManagerConfig, DEFAULT_MAX_KEYS_PER_SESSION};
 use crate::log_limit::{log_limited, LogLimit, DEADLOCK_LOG_INTERVAL, REFUSAL_LOG_INTERVAL};
+use crate::metrics::{self, Metrics, Refusal, Sources};
 use crate::protocol::{self, Limits};
 use crate::registry::Registry;
 use crate::session::{Client, SessionContext};
@@ -188,6 +189,8 @@ struct AppState {
     cut_count: Arc<AtomicUsize>,
     /// Every connection task, so shutdown can wait for them.
     tracker: TaskTracker,
+    /// The server's metrics: `/metrics` encodes them; the routes count their refusals in them.
+    metrics: Metrics,
 }
 
 /// A server that is running. Dropping it does not stop it; call [`RunningServer::shutdown`].
@@ -255,6 +258,11 @@ pub fn start(
     let registry = Registry::new();
     // Suspended sessions hold no connection; as many may wait to be resumed as may be connected.
     let suspensions = Suspensions::new(settings.max_connections);
+    let metrics = Metrics::new(Sources {
+        locks: locks.clone(),
+        suspensions: suspensions.clone(),
+        commits: store.commit_metrics(),
+    });
     let state = Arc::new(AppState {
         context: SessionContext {
             locks: locks.clone(),
@@ -265,6 +273,7 @@ pub fn start(
             suspensions: suspensions.clone(),
             deadlocks: DeadlockHistory::default(),
             max_session_grace: settings.max_session_grace,
+            metrics: metrics.clone(),
         },
         connection: ConnectionSettings {
             limits: Limits {
@@ -286,12 +295,14 @@ pub fn start(
         cut: cut.clone(),
         cut_count: cut_count.clone(),
         tracker: tracker.clone(),
+        metrics: metrics.clone(),
     });
     // Routes added before the layer need the token; `/healthz`, added after, does not.
     let app = Router::new()
         .route("/ws", get(upgrade))
         .route("/", get(live_page))
         .route("/live", get(live_upgrade))
+        .route("/metrics", get(scrape))
         .fallback(|| async { (StatusCode::NOT_FOUND, "not found") })
         .layer(middleware::from_fn_with_state(state.clone(), require_token))
         .route("/healthz", get(|| async { "ok" }))
@@ -321,6 +332,7 @@ pub fn start(
             tcp_slots.clone(),
             settings.handshake_timeout,
             shutdown.clone(),
+            metrics.clone(),
         ));
     }
     Ok(RunningServer {
@@ -443,6 +455,7 @@ async fn require_token(
             next.run(request).await
         }
         Err(refusal) => {
+            state.metrics.refused(Refusal::Unauthorized);
             log_refusal(
                 &state.refusal_log,
                 tokio::time::Instant::now(),
@@ -482,6 +495,21 @@ fn log_refusal(
             suppressed,
             "refused a request without the right token ({suppressed} more since the last line, not logged)"
         );
+    }
+}
+
+/// `/metrics`: the exposition of the server's metrics, in the Prometheus text format.
+async fn scrape(State(state): State<Arc<AppState>>) -> Response {
+    match state.metrics.encode() {
+        Ok(text) => ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], text).into_response(),
+        Err(error) => {
+            tracing::warn!(%error, "cannot encode the metrics");
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "cannot encode the metrics",
+            )
+                .into_response()
+        }
     }
 }
 
@@ -536,6 +564,7 @@ async fn upgrade(
                         .await
                     }
                     Err(_) => {
+                        state.metrics.refused(Refusal::Busy);
                         log_limited(&state.busy_log, |suppressed| {
                             tracing::warn!(%peer, suppressed, "connection limit reached; refusing");
                         });
@@ -568,6 +597,7 @@ fn origin_refusal(state: &AppState, peer: SocketAddr, headers: &HeaderMap) -> Op
     if allowed {
         return None;
     }
+    state.metrics.refused(Refusal::Origin);
     log_limited(&state.origin_log, |suppressed| {
         tracing::warn!(%peer, ?origin, suppressed, "refused a WebSocket upgrade from a foreign Origin");
     });
@@ -628,6 +658,7 @@ async fn live_upgrade(
         return refused;
     }
     let Ok(permit) = state.connections.clone().try_acquire_owned() else {
+        state.metrics.refused(Refusal::Busy);
         return (StatusCode::SERVICE_UNAVAILABLE, "connection limit reached").into_response();
     };
     let task = state.tracker.token();

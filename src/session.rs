@@ -30,6 +30,7 @@ use crate::auth::Secret;
 use crate::deadlocks::DeadlockHistory;
 use crate::lock::{Grant, Key, LockError, LockManager, LockMode, Session, SessionId, Taken};
 use crate::log_limit::LogLimit;
+use crate::metrics::Metrics;
 use crate::protocol::{Command, NamedMember, Reply, Request, ServiceError, SessionInfo};
 use crate::registry::{ClaimRefused, Registration, Registry, Resumable};
 use crate::store::Store;
@@ -64,6 +65,9 @@ pub struct SessionContext {
     /// Longest grace period a session may ask for (`--max-session-grace`); longer requests get
     /// this.
     pub max_session_grace: Duration,
+    /// The server's metrics: the connection records its requests, the session its lock waits
+    /// and sessions opened.
+    pub metrics: Metrics,
 }
 
 /// Who the client of a new session is, as the connection learned it before the upgrade.
@@ -93,6 +97,7 @@ impl ClientSession {
     /// Opens a session in the lock manager and registers it.
     pub fn open(context: SessionContext, client: Client) -> Self {
         let session = context.locks.open_session();
+        context.metrics.session_opened();
         let registration =
             context
                 .registry
@@ -242,24 +247,27 @@ impl ClientSession {
     /// # Errors
     /// The [`ServiceError`] to answer with; an error never leaves a partial effect.
     pub async fn execute(&self, request: &Request) -> Result<Reply, ServiceError> {
-        let deadline =
-            tokio::time::Instant::now() + request.timeout.unwrap_or(self.context.default_timeout);
+        let now = tokio::time::Instant::now();
+        let started = Started {
+            at: now,
+            deadline: now + request.timeout.unwrap_or(self.context.default_timeout),
+        };
         match &request.command {
             Command::Lock { keys, mode } => {
-                let grant = self.acquire(keys, *mode, deadline).await?;
+                let grant = self.acquire(keys, *mode, started).await?;
                 Ok(Reply::Tokens(grant.tokens))
             }
             Command::Unlock { keys } => {
                 self.context.locks.release(&self.session, keys)?;
                 Ok(Reply::Done)
             }
-            Command::Read { keys, hold_lock } => self.read(keys, *hold_lock, deadline).await,
+            Command::Read { keys, hold_lock } => self.read(keys, *hold_lock, started).await,
             Command::Write {
                 keys,
                 values,
                 hold_lock,
-            } => self.write(keys, values, *hold_lock, deadline).await,
-            Command::Delete { keys, hold_lock } => self.delete(keys, *hold_lock, deadline).await,
+            } => self.write(keys, values, *hold_lock, started).await,
+            Command::Delete { keys, hold_lock } => self.delete(keys, *hold_lock, started).await,
             Command::Ping => Ok(Reply::Done),
             Command::Locks { prefix, limit } => {
                 let (snapshot, more) = self.context.locks.snapshot_page(prefix, *limit);
@@ -395,9 +403,9 @@ impl ClientSession {
         &self,
         keys: &[Key],
         hold_lock: bool,
-        deadline: tokio::time::Instant,
+        started: Started,
     ) -> Result<Reply, ServiceError> {
-        let grant = self.acquire(keys, LockMode::Exclusive, deadline).await?;
+        let grant = self.acquire(keys, LockMode::Exclusive, started).await?;
         // Under the exclusive locks nobody else can change these keys: what is read here is
         // what the delete removes.
         let names: Vec<&str> = keys.iter().map(Key::as_str).collect();
@@ -427,9 +435,9 @@ impl ClientSession {
         &self,
         keys: &[Key],
         hold_lock: bool,
-        deadline: tokio::time::Instant,
+        started: Started,
     ) -> Result<Reply, ServiceError> {
-        let grant = self.acquire(keys, LockMode::Shared, deadline).await?;
+        let grant = self.acquire(keys, LockMode::Shared, started).await?;
         let names: Vec<&str> = keys.iter().map(Key::as_str).collect();
         let read = self.context.store.read(&names);
         if !hold_lock || read.is_err() {
@@ -444,9 +452,9 @@ impl ClientSession {
         keys: &[Key],
         values: &[Value],
         hold_lock: bool,
-        deadline: tokio::time::Instant,
+        started: Started,
     ) -> Result<Reply, ServiceError> {
-        let grant = self.acquire(keys, LockMode::Exclusive, deadline).await?;
+        let grant = self.acquire(keys, LockMode::Exclusive, started).await?;
         let entries = keys
             .iter()
             .map(|k| k.to_string())
@@ -468,13 +476,16 @@ impl ClientSession {
         &self,
         keys: &[Key],
         mode: LockMode,
-        deadline: tokio::time::Instant,
+        started: Started,
     ) -> Result<Grant, ServiceError> {
         let result = self
             .context
             .locks
-            .acquire(&self.session, keys, mode, Some(deadline))
+            .acquire(&self.session, keys, mode, Some(started.deadline))
             .await;
+        self.context
+            .metrics
+            .lock_acquired(started.at.elapsed(), &result);
         match result {
             Ok(grant) => Ok(grant),
             Err(LockError::Deadlock { cycle }) => {
@@ -537,6 +548,16 @@ impl ClientSession {
     fn give_back(&self, taken: &Taken) {
         let _ = self.context.locks.give_back(&self.session, taken);
     }
+}
+
+/// When a request that may take locks started, and its wait limit.
+#[derive(Clone, Copy)]
+struct Started {
+    /// When it started (the lock wait is measured from here: the request's clock reading,
+    /// reused).
+    at: tokio::time::Instant,
+    /// When its lock wait ends.
+    deadline: tokio::time::Instant,
 }
 
 /// `session_expired` for `target`.

@@ -256,8 +256,14 @@ mod tests {
     use crate::store::MemoryStore;
 
     fn context(suspensions: &Suspensions) -> SessionContext {
+        let locks = LockManager::new(LockManagerConfig::default());
         SessionContext {
-            locks: LockManager::new(LockManagerConfig::default()),
+            metrics: crate::metrics::Metrics::new(crate::metrics::Sources {
+                locks: locks.clone(),
+                suspensions: suspensions.clone(),
+                commits: None,
+            }),
+            locks,
             store: Arc::new(MemoryStore::new()),
             default_timeout: Duration::from_secs(1),
             registry: Registry::new(),

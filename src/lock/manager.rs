@@ -17,8 +17,8 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use locksmith_lock::{
-    Acquired, BusiestKeys, Effects, FencingToken, Grant, Key, LockError, LockMode, LockTable, Now,
-    SessionId, Snapshot, Taken,
+    Acquired, BusiestKeys, Effects, FencingToken, Gauges, Grant, Key, LockError, LockMode,
+    LockTable, Now, SessionId, Snapshot, Taken,
 };
 use uuid::Uuid;
 
@@ -255,6 +255,12 @@ impl LockManager {
                 Some((key, token))
             })
             .collect()
+    }
+
+    /// What the table holds now, counted for monitoring ([`LockTable::gauges`]). One critical
+    /// section of O(keys + holders + waiters): for a metrics scrape, not for every request.
+    pub fn gauges(&self) -> Gauges {
+        self.lock().table.gauges(std_now())
     }
 
     /// The number of open sessions.

@@ -13,7 +13,7 @@
 pub mod manager;
 
 pub use locksmith_lock::{
-    Acquired, BusiestKeys, CycleMember, Effects, FencingToken, Grant, HolderSnapshot, Key,
+    Acquired, BusiestKeys, CycleMember, Effects, FencingToken, Gauges, Grant, HolderSnapshot, Key,
     KeySnapshot, LockError, LockMode, LockTable, Now, SessionId, Snapshot, Taken, WaiterSnapshot,
 };
 pub use manager::{LockManager, LockManagerConfig, Session, DEFAULT_MAX_KEYS_PER_SESSION};

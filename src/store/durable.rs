@@ -35,6 +35,7 @@ use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{page_of, KeysPage, Store, StoreError};
+use crate::metrics::CommitMetrics;
 
 /// Key → value as JSON text.
 const VALUES: TableDefinition<&str, &[u8]> = TableDefinition::new("values");
@@ -105,6 +106,8 @@ type Mirror = RwLock<BTreeMap<String, Value>>;
 /// The redb-backed store. Dropping it stops the writer thread and closes the database.
 pub struct RedbStore {
     name: String,
+    /// What the writer thread records of its commits.
+    metrics: CommitMetrics,
     committed: Arc<Mirror>,
     jobs: Option<mpsc::Sender<WriteJob>>,
     writer: Option<JoinHandle<()>>,
@@ -163,7 +166,9 @@ impl RedbStore {
         })?;
         let committed = Arc::new(RwLock::new(values));
         let (jobs, queue) = mpsc::channel(QUEUE_DEPTH);
+        let metrics = CommitMetrics::default();
         let mut writer = Writer {
+            metrics: metrics.clone(),
             name: name.to_owned(),
             database: Some(database),
             opener,
@@ -178,6 +183,7 @@ impl RedbStore {
             })?;
         Ok(RedbStore {
             name: name.to_owned(),
+            metrics,
             committed,
             jobs: Some(jobs),
             writer: Some(writer),
@@ -220,6 +226,10 @@ impl Store for RedbStore {
             answer.await.map_err(|_| writer_gone())?
         })
     }
+
+    fn commit_metrics(&self) -> Option<CommitMetrics> {
+        Some(self.metrics.clone())
+    }
 }
 
 impl Drop for RedbStore {
@@ -259,6 +269,8 @@ struct Writer {
     database: Option<Database>,
     opener: Opener,
     committed: Arc<Mirror>,
+    /// Every group commit is recorded here: its duration, its size, and whether it failed.
+    metrics: CommitMetrics,
 }
 
 impl Writer {
@@ -275,9 +287,11 @@ impl Writer {
             }
             let started = std::time::Instant::now();
             let outcome = self.commit(&batch);
+            let elapsed = started.elapsed();
+            self.metrics.commit(batch.len(), elapsed, outcome.is_ok());
             tracing::trace!(
                 jobs = batch.len(),
-                micros = started.elapsed().as_micros() as u64,
+                micros = elapsed.as_micros() as u64,
                 "group commit"
             );
             match &outcome {

@@ -18,6 +18,8 @@ use std::ops::Bound;
 use futures_util::future::BoxFuture;
 use serde_json::Value;
 
+use crate::metrics::CommitMetrics;
+
 pub use durable::RedbStore;
 pub use memory::MemoryStore;
 
@@ -73,6 +75,12 @@ pub trait Store: Send + Sync + 'static {
     /// `StoreError::Storage` if the backend cannot be read.
     fn keys(&self, prefix: &str, after: Option<&str>, limit: usize)
         -> Result<KeysPage, StoreError>;
+
+    /// The metrics of its commits, for a store that commits (the durable one); the server
+    /// registers them with its own.
+    fn commit_metrics(&self) -> Option<CommitMetrics> {
+        None
+    }
 }
 
 /// One page of [`Store::keys`].

@@ -208,6 +208,23 @@ pub async fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
     }
 }
 
+/// As [`wait_until`], for a condition that must await (such as a scrape of `/metrics`):
+/// polled every 20 ms; panics after [`BOUND`].
+pub async fn wait_until_async<F, Fut>(what: &str, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + BOUND;
+    while !condition().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Is `session` queued on `key` in `snapshot`?
 pub fn queued(snapshot: &Snapshot, session: &str, key: &str) -> bool {
     snapshot
@@ -466,9 +483,19 @@ pub async fn connect_with_headers(
 
 /// Sends a raw HTTP/1.1 GET and returns the whole response (status line, headers, body).
 pub async fn http_get(addr: SocketAddr, path: &str) -> String {
+    http_get_with(addr, path, None).await
+}
+
+/// As [`http_get`], with an `Authorization: Bearer <bearer>` header if given.
+pub async fn http_get_with(addr: SocketAddr, path: &str, bearer: Option<&str>) -> String {
+    let authorization = bearer
+        .map(|token| format!("Authorization: Bearer {token}\r\n"))
+        .unwrap_or_default();
     tokio::time::timeout(BOUND, async {
         let mut stream = TcpStream::connect(addr).await.expect("connect");
-        let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        let request = format!(
+            "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{authorization}Connection: close\r\n\r\n"
+        );
         stream.write_all(request.as_bytes()).await.expect("write");
         let mut response = Vec::new();
         stream.read_to_end(&mut response).await.expect("read");

@@ -31,7 +31,7 @@ mod waits_for;
 pub use error::{CycleMember, LockError};
 pub use now::Now;
 pub use snapshot::{HolderSnapshot, KeySnapshot, Snapshot, WaiterSnapshot};
-pub use table::{Acquired, BusiestKeys, Effects, Footprint, LockTable};
+pub use table::{Acquired, BusiestKeys, Effects, Footprint, Gauges, LockTable};
 pub use types::{FencingToken, Grant, Key, LockMode, SessionId, Taken};
 
 /// The hash maps of the lock table: foldhash instead of SipHash (about a third of the cost of an

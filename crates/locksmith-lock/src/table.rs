@@ -23,7 +23,7 @@
 
 use std::collections::VecDeque;
 use std::mem;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use slab::Slab;
 
@@ -103,6 +103,23 @@ pub struct Footprint {
     /// Keys still to re-examine, sessions still to continue, requests concluded but not yet
     /// reported: work a call left behind (none, between calls).
     pub pending: usize,
+}
+
+/// What the table holds at one moment, counted for monitoring ([`LockTable::gauges`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Gauges {
+    /// Open sessions.
+    pub sessions: usize,
+    /// Shared (read) locks held, over all keys.
+    pub held_shared: usize,
+    /// Exclusive (write) locks held, over all keys.
+    pub held_exclusive: usize,
+    /// Requests waiting for a key (each waits in exactly one queue).
+    pub waiting: usize,
+    /// Keys with at least one waiter.
+    pub keys_with_waiters: usize,
+    /// How long the request that has waited longest has waited so far (zero when none waits).
+    pub longest_wait: Duration,
 }
 
 /// The lock table. See the module documentation.
@@ -494,6 +511,37 @@ impl LockTable {
     /// The number of open sessions.
     pub fn session_count(&self) -> usize {
         self.sessions.len()
+    }
+
+    /// What the table holds at `now`, counted for monitoring (see [`Gauges`]): a metrics scrape
+    /// calls it. A wait's length is measured from when it joined its current queue (a multi-key
+    /// request that waited on an earlier key starts again at the next one).
+    ///
+    /// Cost: O(keys + holders + waiters), one pass over the key slab (holders of each key, and
+    /// whether it has waiters) and one over the waiter slab (the oldest `since`); it allocates
+    /// nothing. A caller holding a lock around the table holds it for that long, so call it at
+    /// scrape intervals, never per request.
+    pub fn gauges(&self, now: Instant) -> Gauges {
+        let mut gauges = Gauges {
+            sessions: self.sessions.len(),
+            waiting: self.waiters.len(),
+            ..Gauges::default()
+        };
+        for (_, state) in &self.keys {
+            for holder in &state.holders {
+                match holder.mode {
+                    LockMode::Shared => gauges.held_shared += 1,
+                    LockMode::Exclusive => gauges.held_exclusive += 1,
+                }
+            }
+            if state.has_waiters() {
+                gauges.keys_with_waiters += 1;
+            }
+        }
+        if let Some(oldest) = self.waiters.iter().map(|(_, waiter)| waiter.since).min() {
+            gauges.longest_wait = now.saturating_duration_since(oldest);
+        }
+        gauges
     }
 
     /// What the table holds right now (see [`Footprint`]).

@@ -671,3 +671,47 @@ fn the_busiest_keys_are_the_waited_on_longest_first_then_the_longest_held_and_th
     assert_eq!(busiest.more, 1);
     assert_eq!(busiest.holders, 3, "totals count every key");
 }
+
+#[test]
+fn gauges_count_locks_by_mode_waiters_and_the_longest_wait() {
+    // t=0    A: X(k1)        B: S(k2)   C: S(k2)
+    // t=10   D: X(k1) waits behind A
+    // t=30   E: X(k2) waits behind B and C;  F: X(k1) waits behind D
+    // at t=100: 3 locks (1 write, 2 read), 3 waiting requests on 2 keys, and D has waited 90 ms.
+    let (mut table, ids) = table_with(6);
+    let (a, b, c, d, e, f) = (ids[0], ids[1], ids[2], ids[3], ids[4], ids[5]);
+    let start = Instant::now();
+    assert_eq!(
+        table.gauges(start),
+        Gauges {
+            sessions: 6,
+            ..Gauges::default()
+        }
+    );
+    for (id, name, mode) in [(a, "k1", X), (b, "k2", S), (c, "k2", S)] {
+        let (acquired, _) = table.acquire(id, &keys(&[name]), mode, start, true);
+        assert!(matches!(acquired, Ok(Acquired::Granted(_))));
+    }
+    for (id, name, ms) in [(d, "k1", 10), (e, "k2", 30), (f, "k1", 30)] {
+        let (acquired, _) = table.acquire(id, &keys(&[name]), X, at(start, ms), true);
+        assert_eq!(acquired, Ok(Acquired::Waiting));
+    }
+    assert_eq!(
+        table.gauges(at(start, 100)),
+        Gauges {
+            sessions: 6,
+            held_shared: 2,
+            held_exclusive: 1,
+            waiting: 3,
+            keys_with_waiters: 2,
+            longest_wait: Duration::from_millis(90),
+        }
+    );
+    // A releases k1: D holds it, F waits on; the longest wait is now E's (since t=30).
+    let (released, _) = table.release(a, &keys(&["k1"]), at(start, 100));
+    assert_eq!(released, Ok(()));
+    let gauges = table.gauges(at(start, 100));
+    assert_eq!((gauges.held_exclusive, gauges.held_shared), (1, 2));
+    assert_eq!((gauges.waiting, gauges.keys_with_waiters), (2, 2));
+    assert_eq!(gauges.longest_wait, Duration::from_millis(70));
+}
