@@ -8,8 +8,9 @@
 //! views (see [`MUTEX_SHARE`]). A
 //! view is bounded whatever the table holds: the [`LIVE_KEYS`] busiest keys (waited-on first,
 //! the longest wait first, then the longest held), how many more there are, and the edges among
-//! the keys listed. Building it takes the lock manager's mutex once, for one pass over the keys
-//! (see [`LockTable::busiest_keys`](crate::lock::LockTable::busiest_keys)).
+//! the keys listed. Building it takes the lock manager's mutex once, for two passes over the
+//! keys (see [`LockTable::busiest_keys`](crate::lock::LockTable::busiest_keys) and
+//! [`LockTable::gauges`](crate::lock::LockTable::gauges)).
 //!
 //! The snapshot's JSON is documented in README.md ("Observe"); the page's files are in
 //! `static/` and are served from the binary.
@@ -133,7 +134,7 @@ impl DeadlockRate {
 
 /// The view, without its `seq`.
 fn view(context: &SessionContext, rate: &mut DeadlockRate, now: Instant) -> Value {
-    let busiest = context.locks.busiest_keys(LIVE_KEYS);
+    let (busiest, gauges) = context.locks.busiest_keys(LIVE_KEYS, now);
     let names = context.registry.names();
     let suspended = context.registry.suspended().len();
     let (deadlocks, total) = context.deadlocks.recent();
@@ -144,11 +145,11 @@ fn view(context: &SessionContext, rate: &mut DeadlockRate, now: Instant) -> Valu
         .map(|key| key_view(key, taken_at, &names))
         .collect();
     json!({
-        "sessions": context.locks.session_count(),
+        "sessions": gauges.sessions,
         "suspended": suspended,
-        "locks_held": busiest.holders,
-        "waiters": busiest.waiters,
-        "keys_with_waiters": busiest.keys_with_waiters,
+        "locks_held": gauges.held_shared + gauges.held_exclusive,
+        "waiters": gauges.waiting,
+        "keys_with_waiters": gauges.keys_with_waiters,
         "deadlocks_total": total,
         "deadlocks_per_s": rate.per_second(now, total),
         "keys": keys,

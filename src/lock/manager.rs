@@ -286,10 +286,14 @@ impl LockManager {
         (Snapshot::from_keys(keys), more)
     }
 
-    /// The busiest keys and the table's totals, for a live view (see
-    /// [`LockTable::busiest_keys`]).
-    pub fn busiest_keys(&self, limit: usize) -> BusiestKeys {
-        self.lock().table.busiest_keys(limit)
+    /// The busiest keys and the table's gauges at `now`, taken together under one lock, for a
+    /// live view (see [`LockTable::busiest_keys`] and [`LockTable::gauges`]).
+    pub fn busiest_keys(&self, limit: usize, now: Instant) -> (BusiestKeys, Gauges) {
+        let state = self.lock();
+        (
+            state.table.busiest_keys(limit),
+            state.table.gauges(now.into_std()),
+        )
     }
 
     /// Runs `f` on the table under the lock, then wakes the requests it concluded.

@@ -71,19 +71,13 @@ struct SessionState {
     request: Option<Request>,
 }
 
-/// What [`LockTable::busiest_keys`] shows: the busiest keys and the table's totals.
+/// What [`LockTable::busiest_keys`] shows: the busiest keys, and how many others there are.
 #[derive(Clone, Debug, Default)]
 pub struct BusiestKeys {
     /// The keys listed, busiest first, with their holders and queues.
     pub keys: Vec<KeySnapshot>,
     /// Keys held or awaited that are not listed.
     pub more: usize,
-    /// (key, holder) pairs in the whole table.
-    pub holders: usize,
-    /// Queued requests in the whole table (a request waiting on one key counts once).
-    pub waiters: usize,
-    /// Keys that have at least one waiter.
-    pub keys_with_waiters: usize,
 }
 
 /// How much the table holds: what a burst must give back when it is over. Every count is zero
@@ -603,54 +597,39 @@ impl LockTable {
 
     /// What a live view of the table shows first: at most `limit` keys — those with waiters,
     /// the longest current wait first, then the others, the longest held first — with their
-    /// holders and queues, and the table's totals. O(keys + holders + queue entries) to rank and
-    /// count, O(limit log limit + what is listed) to sort and copy; nothing is copied for the
-    /// keys left out.
+    /// holders and queues, and how many other keys are held or awaited. O(keys + holders + queue
+    /// entries) to rank, O(limit log limit + what is listed) to sort and copy; nothing is copied
+    /// for the keys left out. The table's totals are [`LockTable::gauges`].
     pub fn busiest_keys(&self, limit: usize) -> BusiestKeys {
-        let mut totals = BusiestKeys::default();
         // (has no waiter, since when, key): ascending puts waited-on keys first, oldest first.
-        let mut ranked: Vec<(bool, Instant, &KeyState)> = Vec::new();
-        for (_, state) in self.keys.iter() {
-            totals.holders += state.holders.len();
-            let mut waiting = 0;
-            let mut oldest_wait: Option<Instant> = None;
-            for waiter in state.queue(&self.waiters) {
-                waiting += 1;
-                oldest_wait = Some(oldest_wait.map_or(waiter.since, |o| o.min(waiter.since)));
-            }
-            totals.waiters += waiting;
-            let rank = match oldest_wait {
-                Some(since) => {
-                    totals.keys_with_waiters += 1;
-                    Some((false, since))
-                }
-                None => state
-                    .holders
-                    .iter()
-                    .map(|h| h.since)
-                    .min()
-                    .map(|s| (true, s)),
-            };
-            if let Some((idle, since)) = rank {
-                ranked.push((idle, since, state));
-            }
-        }
+        let mut ranked: Vec<(bool, Instant, &KeyState)> = self
+            .keys
+            .iter()
+            .filter_map(|(_, state)| {
+                let oldest_wait = state.queue(&self.waiters).map(|w| w.since).min();
+                let rank = match oldest_wait {
+                    Some(since) => (false, since),
+                    None => (true, state.holders.iter().map(|h| h.since).min()?),
+                };
+                Some((rank.0, rank.1, state))
+            })
+            .collect();
         let order = |a: &(bool, Instant, &KeyState), b: &(bool, Instant, &KeyState)| {
             (a.0, a.1)
                 .cmp(&(b.0, b.1))
                 .then_with(|| a.2.name.cmp(&b.2.name))
         };
-        totals.more = ranked.len().saturating_sub(limit);
-        if totals.more > 0 {
+        let more = ranked.len().saturating_sub(limit);
+        if more > 0 {
             ranked.select_nth_unstable_by(limit, order);
             ranked.truncate(limit);
         }
         ranked.sort_unstable_by(order);
-        totals.keys = ranked
+        let keys = ranked
             .into_iter()
             .map(|(_, _, state)| self.key_snapshot_of(state))
             .collect();
-        totals
+        BusiestKeys { keys, more }
     }
 
     /// The holders and queue of one key (`None` if nobody holds or awaits it): O(holders +

@@ -662,14 +662,9 @@ fn the_busiest_keys_are_the_waited_on_longest_first_then_the_longest_held_and_th
     assert_eq!(names(&busiest.keys), vec!["c", "b", "a"]);
     assert_eq!(busiest.more, 0);
     assert_eq!(busiest.keys[0].queue[0].session, ids[2], "with its queue");
-    assert_eq!(
-        (busiest.holders, busiest.waiters, busiest.keys_with_waiters),
-        (3, 2, 2)
-    );
     let busiest = table.busiest_keys(2);
     assert_eq!(names(&busiest.keys), vec!["c", "b"]);
     assert_eq!(busiest.more, 1);
-    assert_eq!(busiest.holders, 3, "totals count every key");
 }
 
 #[test]
