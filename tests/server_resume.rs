@@ -46,6 +46,14 @@ async fn suspended_holder(server: &Server, key: &str) -> Suspended {
     }
 }
 
+/// Checks that a `resume` of `session` with `secret`, from a new connection, is answered
+/// `session_expired`.
+async fn assert_resume_expired(server: &Server, session: &str, secret: &str) {
+    let mut late = Client::connect(&server.url()).await;
+    let answer = late.resume(session, secret).await;
+    assert_eq!(answer["code"], json!("session_expired"), "{answer}");
+}
+
 /// A grace longer than any test: a session dropped in these tests expires only when a test
 /// says so with a short grace.
 const LONG_GRACE_MS: u64 = 20_000;
@@ -118,9 +126,7 @@ async fn a_suspended_session_is_released_when_its_grace_runs_out_and_a_late_resu
     assert!(!wire::mentions(&server.snapshot(), &session));
     assert_eq!(server.suspensions().counts().expired, 1);
 
-    let mut late = Client::connect(&server.url()).await;
-    let answer = late.resume(&session, &secret).await;
-    assert_eq!(answer["code"], json!("session_expired"), "{answer}");
+    assert_resume_expired(&server, &session, &secret).await;
 }
 
 #[tokio::test]
@@ -395,9 +401,7 @@ async fn a_clean_close_releases_even_a_resumable_session() {
             !wire::mentions(s, &session)
         })
         .await;
-    let mut late = Client::connect(&server.url()).await;
-    let answer = late.resume(&session, &secret).await;
-    assert_eq!(answer["code"], json!("session_expired"), "{answer}");
+    assert_resume_expired(&server, &session, &secret).await;
 }
 
 #[tokio::test]
@@ -494,9 +498,7 @@ async fn after_a_restart_every_resume_is_expired() {
     server.stop().await;
 
     let restarted = start(settings()).await;
-    let mut client = Client::connect(&restarted.url()).await;
-    let answer = client.resume(&session, &secret).await;
-    assert_eq!(answer["code"], json!("session_expired"), "{answer}");
+    assert_resume_expired(&restarted, &session, &secret).await;
 }
 
 #[tokio::test]
