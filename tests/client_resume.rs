@@ -268,15 +268,7 @@ async fn a_resumable_client_keeps_its_session_and_locks_through_cut_connections_
 {
     let server = wire::start(wire::settings()).await;
     let proxy = proxy::Proxy::start(server.addr).await;
-    let client = tokio::time::timeout(
-        BOUND,
-        Client::builder(&proxy.url())
-            .grace(Duration::from_secs(10))
-            .connect(),
-    )
-    .await
-    .expect("in time")
-    .expect("connect");
+    let client = resumable_client(&proxy.url(), Duration::from_secs(10)).await;
     assert_eq!(client.grace(), Some(Duration::from_secs(10)));
     let session = client.session_id().to_owned();
     let grant = client.lock(&["k"], Exclusive, None).await.expect("lock");
@@ -319,15 +311,7 @@ async fn a_resumable_client_keeps_its_session_and_locks_through_cut_connections_
 async fn a_resumable_client_cut_off_from_the_real_server_past_its_grace_expires_and_its_locks_go() {
     let server = wire::start(wire::settings()).await;
     let proxy = proxy::Proxy::start(server.addr).await;
-    let client = tokio::time::timeout(
-        BOUND,
-        Client::builder(&proxy.url())
-            .grace(Duration::from_millis(300))
-            .connect(),
-    )
-    .await
-    .expect("in time")
-    .expect("connect");
+    let client = resumable_client(&proxy.url(), Duration::from_millis(300)).await;
     client.lock(&["k"], Exclusive, None).await.expect("lock");
     proxy.refuse(true);
     assert_eq!(proxy.cut(), 1);
@@ -361,19 +345,19 @@ async fn a_resumable_client_gives_its_session_up_at_once_when_the_server_shuts_d
     // A shutdown releases every session; its close (1001, "server shutting down") must not be
     // taken for the idle timeout's, after which the session would still be resumable.
     let server = wire::start(wire::settings()).await;
-    let client = tokio::time::timeout(
-        BOUND,
-        Client::builder(&server.url())
-            .grace(Duration::from_secs(60))
-            .connect(),
-    )
-    .await
-    .expect("in time")
-    .expect("connect");
+    let client = resumable_client(&server.url(), Duration::from_secs(60)).await;
     client.lock(&["k"], Exclusive, None).await.expect("lock");
     server.stop().await;
     // Long before the 60 s grace (BOUND is 10 s): the client does not keep trying.
     let lost = given_up(&client).await;
     assert_eq!(lost.code(), "connection_lost", "{lost}");
     assert!(lost.to_string().contains("shutting down"), "{lost}");
+}
+
+/// A client of the library at `url` that asks for `grace`, connected within [`BOUND`].
+async fn resumable_client(url: &str, grace: Duration) -> Client {
+    tokio::time::timeout(BOUND, Client::builder(url).grace(grace).connect())
+        .await
+        .expect("in time")
+        .expect("connect")
 }

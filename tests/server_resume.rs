@@ -46,6 +46,16 @@ async fn suspended_holder(server: &Server, key: &str) -> Suspended {
     }
 }
 
+/// A client whose `lock` of `key` (id `"r"`) waits in its queue.
+async fn queued_rival(server: &Server, key: &str) -> Client {
+    let mut rival = server.connect().await;
+    rival
+        .send(json!({"command": "lock", "keys": [key], "id": "r"}))
+        .await;
+    server.wait_queued(&rival.session, key).await;
+    rival
+}
+
 /// Checks that a `resume` of `session` with `secret`, from a new connection, is answered
 /// `session_expired`.
 async fn assert_resume_expired(server: &Server, session: &str, secret: &str) {
@@ -66,11 +76,7 @@ async fn a_dropped_resumable_session_keeps_its_locks_and_resume_gives_them_back_
     let secret = holder.ask_grace(LONG_GRACE_MS).await;
     let granted = holder.lock(&["k1", "k2"], "write").await;
     let session = holder.session.clone();
-    let mut rival = server.connect().await;
-    rival
-        .send(json!({"command": "lock", "keys": ["k1"], "id": "r"}))
-        .await;
-    server.wait_queued(&rival.session, "k1").await;
+    let mut rival = queued_rival(&server, "k1").await;
 
     drop(holder);
     server.wait_suspended(&session).await;
@@ -110,11 +116,7 @@ async fn a_suspended_session_is_released_when_its_grace_runs_out_and_a_late_resu
     let secret = holder.ask_grace(300).await;
     let granted = holder.lock(&["k"], "write").await;
     let session = holder.session.clone();
-    let mut rival = server.connect().await;
-    rival
-        .send(json!({"command": "lock", "keys": ["k"], "id": "r"}))
-        .await;
-    server.wait_queued(&rival.session, "k").await;
+    let mut rival = queued_rival(&server, "k").await;
 
     drop(holder);
     server.wait_suspended(&session).await;
@@ -525,11 +527,7 @@ async fn a_blip_that_resets_the_connection_suspends_the_session_and_resume_throu
     let secret = holder.ask_grace(LONG_GRACE_MS).await;
     let granted = holder.lock(&["k"], "write").await;
     let session = holder.session.clone();
-    let mut rival = server.connect().await;
-    rival
-        .send(json!({"command": "lock", "keys": ["k"], "id": "r"}))
-        .await;
-    server.wait_queued(&rival.session, "k").await;
+    let mut rival = queued_rival(&server, "k").await;
 
     assert_eq!(proxy.cut(), 1);
     server.wait_suspended(&session).await;
