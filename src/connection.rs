@@ -42,6 +42,7 @@ use serde_json::Value;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::cancel_latch::CancelLatch;
 use crate::lock::LockError;
 use crate::metrics::Metrics;
 use crate::protocol::{
@@ -235,15 +236,12 @@ pub async fn serve(
                 Err(error) => protocol::encode_error(id.as_ref(), &error),
             };
             // A kill or takeover of the resumed session stops this send like any other.
-            let stops = Stops {
-                killed: session.killed(),
-                detached: session.detached(),
-            };
+            let mut stops = Stops::of(&session);
             let sent = send_unless_stopped(
                 &mut socket,
                 text,
                 settings.idle_timeout,
-                &stops,
+                &mut stops,
                 &mut unsent,
             )
             .await;
@@ -467,16 +465,20 @@ async fn run<'a>(
         after_in_flight,
         queued,
     } = owed;
-    let stops = Stops {
-        killed: session.killed(),
-        detached: session.detached(),
-    };
+    // Checked on every turn of the loop: latched, so a check costs an atomic load, not the
+    // tokens' mutexes (see `cancel_latch`).
+    let mut stops = Stops::of(session);
+    let mut shutdown = CancelLatch::new(shutdown);
     let mut last_heard = Instant::now();
     // Last time we heard from the client or pinged it: the keepalive acts after `tick` of this.
     let mut last_poke = last_heard;
     let tick = settings
         .idle_timeout
         .map(|idle| (idle / 2).max(Duration::from_millis(10)));
+    // Set once and moved only when it fires, not on every frame: a frame just moves
+    // `last_poke`, and a timer that fires before `last_poke + tick` is set again for then.
+    let idle_timer = tokio::time::sleep_until(last_poke + tick.unwrap_or_default());
+    tokio::pin!(idle_timer);
     // A client that takes nothing we send for a whole idle timeout has stopped reading: without
     // this bound the loop would wait in `send` forever and the session would keep its locks.
     let send_limit = settings.idle_timeout;
@@ -493,7 +495,8 @@ async fn run<'a>(
                 Incoming::Answered(text) => {
                     *served += 1;
                     if let Err(ending) =
-                        send_unless_stopped(socket, text, send_limit, &stops, after_in_flight).await
+                        send_unless_stopped(socket, text, send_limit, &mut stops, after_in_flight)
+                            .await
                     {
                         return ending;
                     }
@@ -530,7 +533,7 @@ async fn run<'a>(
                     tracing::debug!(session = %session.id(), code = error.code(), "bad request");
                     let text = protocol::encode_error(id.as_ref(), &error);
                     let sent =
-                        send_unless_stopped(socket, text, send_limit, &stops, after_in_flight)
+                        send_unless_stopped(socket, text, send_limit, &mut stops, after_in_flight)
                             .await;
                     metrics.request(command, error.code(), at.elapsed());
                     if let Err(ending) = sent {
@@ -539,12 +542,6 @@ async fn run<'a>(
                 }
             }
         }
-        let idle_check = async {
-            match tick {
-                Some(tick) => tokio::time::sleep_until(last_poke + tick).await,
-                None => std::future::pending().await,
-            }
-        };
         tokio::select! {
             biased;
             () = shutdown.cancelled() => return Ending::Shutdown,
@@ -565,7 +562,7 @@ async fn run<'a>(
                 let mut answers = std::iter::once(text).chain(std::mem::take(after_in_flight)).collect::<VecDeque<_>>();
                 let mut first = true;
                 while let Some(text) = answers.pop_front() {
-                    let sent = send_unless_stopped(socket, text, send_limit, &stops, after_in_flight).await;
+                    let sent = send_unless_stopped(socket, text, send_limit, &mut stops, after_in_flight).await;
                     if std::mem::take(&mut first) {
                         metrics.request(Some(command), code, at.elapsed());
                     }
@@ -649,8 +646,14 @@ async fn run<'a>(
                     },
                 }
             }
-            () = idle_check => {
-                let Some(idle) = settings.idle_timeout else { continue };
+            () = &mut idle_timer, if tick.is_some() => {
+                let (Some(idle), Some(tick)) = (settings.idle_timeout, tick) else { continue };
+                let due = last_poke + tick;
+                if due > Instant::now() {
+                    // Heard from the client (or pinged it) since the timer was set.
+                    idle_timer.as_mut().reset(due);
+                    continue;
+                }
                 if last_heard.elapsed() >= idle {
                     close(socket, close_code::GOING_AWAY, "idle timeout", close_limit).await;
                     return Ending::Idle;
@@ -664,6 +667,7 @@ async fn run<'a>(
                     return Ending::Broken(format!("ping failed: {error}"));
                 }
                 last_poke = Instant::now();
+                idle_timer.as_mut().reset(last_poke + tick);
             }
         }
     }
@@ -671,21 +675,29 @@ async fn run<'a>(
 
 /// What stops a connection from serving its session any further: an administrator's `kill`,
 /// or a `resume` of the session on another connection.
-struct Stops<'a> {
-    /// Cancelled by `kill`.
-    killed: &'a CancellationToken,
-    /// Cancelled by a takeover.
-    detached: &'a CancellationToken,
+struct Stops {
+    /// The session's kill token.
+    killed: CancelLatch,
+    /// The session's takeover token.
+    detached: CancelLatch,
 }
 
-impl Stops<'_> {
+impl Stops {
+    /// The stops of `session`.
+    fn of(session: &ClientSession) -> Self {
+        Stops {
+            killed: CancelLatch::new(session.killed()),
+            detached: CancelLatch::new(session.detached()),
+        }
+    }
+
     /// Has either happened?
-    fn any(&self) -> bool {
+    fn any(&mut self) -> bool {
         self.killed.is_cancelled() || self.detached.is_cancelled()
     }
 
     /// Resolves with the ending once either happens (a kill first, if both have).
-    async fn stopped(&self) -> Ending {
+    async fn stopped(&mut self) -> Ending {
         tokio::select! {
             biased;
             () = self.killed.cancelled() => Ending::Killed,
@@ -705,7 +717,7 @@ async fn send_unless_stopped(
     socket: &mut WebSocket,
     text: String,
     limit: Option<Duration>,
-    stops: &Stops<'_>,
+    stops: &mut Stops,
     unsent: &mut Vec<String>,
 ) -> Result<(), Ending> {
     if stops.any() {
@@ -755,6 +767,10 @@ fn classify(error: &axum::Error) -> ReadError {
 
 /// Sends one message, within `limit` if one is given.
 ///
+/// A send the socket takes at once — nearly every one — sets no timer: the limit is armed only
+/// when the first try is pending (a timer costs a clock read and the runtime's timer state on
+/// every answer otherwise).
+///
 /// # Errors
 /// Why it was not sent: the socket failed, or the client did not take it within `limit`.
 async fn send(
@@ -762,7 +778,10 @@ async fn send(
     message: Message,
     limit: Option<Duration>,
 ) -> Result<(), String> {
-    let sending = socket.send(message);
+    let mut sending = std::pin::pin!(socket.send(message));
+    if let Some(sent) = sending.as_mut().now_or_never() {
+        return sent.map_err(|error| error.to_string());
+    }
     let sent = match limit {
         Some(limit) => tokio::time::timeout(limit, sending).await.map_err(|_| {
             format!("the client stopped reading: a send did not complete in {limit:?}")

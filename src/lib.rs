@@ -21,6 +21,7 @@
 
 pub mod accept;
 pub mod auth;
+pub mod cancel_latch;
 pub mod cli;
 pub mod client;
 pub mod config;
