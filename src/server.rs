@@ -59,10 +59,13 @@ use crate::session::{Client, SessionContext};
 use crate::store::Store;
 use crate::suspension::Suspensions;
 
-/// Read buffer of one WebSocket. Requests are small; a large one grows the buffer while it is
-/// read. tungstenite's default (128 KiB per connection) would dominate the memory of idle
-/// connections.
-const READ_BUFFER_BYTES: usize = 4 * 1024;
+/// Read buffer of one WebSocket, and the most tungstenite reads from the socket at a time.
+/// Requests are small; a large one grows the buffer while it is read, in reads of this size.
+/// tungstenite zeroes up to this much of the buffer before every read, so it is kept small:
+/// at 1,000 clients, 4 KiB cost the server a fifth more CPU per request than 1 KiB
+/// (BENCHMARKS.md, issue 8), and tungstenite's default (128 KiB per connection) would dominate
+/// the memory of idle connections.
+const READ_BUFFER_BYTES: usize = 1024;
 
 /// How long [`RunningServer::shutdown`] waits for plain HTTP connections (a `/healthz` call, an
 /// upgrade request still being received) to finish. The accept loop's graceful shutdown waits
