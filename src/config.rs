@@ -108,6 +108,12 @@ pub struct Config {
     )]
     pub allowed_origins: Vec<String>,
 
+    /// Threads that serve the connections. `1` runs the server on a single thread, as Redis
+    /// does; more spread the connections' work (WebSocket framing, JSON) over cores, while the
+    /// lock table stays one critical section whatever the count. Default: one per core.
+    #[arg(long, env = "LOCKSMITH_THREADS")]
+    pub threads: Option<std::num::NonZeroUsize>,
+
     /// Directory of the durable value store (created if missing; holds `locksmith.redb`).
     #[arg(long, env = "LOCKSMITH_DATA_DIR", default_value = "./data")]
     pub data_dir: PathBuf,

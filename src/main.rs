@@ -44,7 +44,7 @@ fn main() -> ExitCode {
             .with_current_span(false)
             .init(),
     }
-    let runtime = match tokio::runtime::Runtime::new() {
+    let runtime = match build_runtime(config.threads) {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("locksmith: cannot start the runtime: {error}");
@@ -68,6 +68,23 @@ fn main() -> ExitCode {
 }
 
 /// Runs a client command. It is one connection: one thread starts faster than a pool of them.
+/// The server's runtime: a single-threaded one for `--threads 1`, else a multi-threaded one
+/// with that many workers (default: one per core).
+fn build_runtime(
+    threads: Option<std::num::NonZeroUsize>,
+) -> std::io::Result<tokio::runtime::Runtime> {
+    match threads.map(std::num::NonZeroUsize::get) {
+        Some(1) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+        Some(threads) => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .enable_all()
+            .build(),
+        None => tokio::runtime::Runtime::new(),
+    }
+}
+
 fn run_client(command: ClientCommand) -> ExitCode {
     match tokio::runtime::Builder::new_current_thread()
         .enable_all()
