@@ -46,6 +46,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::accept::{serve_listener, TcpSlot};
 use crate::auth::{self, Access, Secret, Tokens, Unauthorized};
+use crate::cancel_latch::CancelLatch;
 use crate::config::Config;
 use crate::connection::{self, ConnectionSettings};
 use crate::deadlocks::DeadlockHistory;
@@ -553,7 +554,8 @@ async fn upgrade(
         .on_upgrade(move |socket| async move {
             let _task = task;
             let _slot = slot;
-            let cut = state.cut.clone();
+            // Polled on every wake of the connection: latched (see `cancel_latch`).
+            let mut cut = CancelLatch::new(&state.cut);
             let connection = async {
                 match permit {
                     Ok(_permit) => {
