@@ -17,6 +17,11 @@
 //!   from sending that request to receiving its `deadlock` answer is measured. B then unlocks k2,
 //!   A gets it and unlocks both, and the round starts again.
 //! - `blip`: resumable sessions through a network blip; see the `blip` module.
+//! - `locks`: one connection sends `locks` back to back on a table of `--held-keys` held keys
+//!   (10,000 by default); with `--server-pid`, the server's CPU per answer. See the `locks`
+//!   module, which also holds `--held-keys` and the `--poll-locks` poller for the request mixes
+//!   (`lock-unlock`, `read`, `write`, `mixed`): the same big table, and one more connection
+//!   polling `locks` at a fixed rate while the clients run.
 //! - `idle`: opens the connections, pings once on each, then stays idle (still answering the
 //!   server's keepalive pings) for the duration and reports how many are still open. With
 //!   `--server-pid` it reads the server's `VmRSS` before and after, for the memory per connection.
@@ -36,6 +41,7 @@
 //! Nothing the network can do panics the generator: failures are counted and printed.
 
 mod blip;
+mod locks;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -115,6 +121,21 @@ struct Args {
     #[arg(long, default_value = DEFAULT_KEY_PREFIX, value_parser = parse_key_prefix)]
     key_prefix: String,
 
+    /// Keys held (as `<prefix>held/<i>`, in `lock` requests of at most 1000 keys) by extra
+    /// connections for the whole run, so that the lock table is big: for the `locks` mix
+    /// (default 10,000) and the request mixes (default none).
+    #[arg(long)]
+    held_keys: Option<usize>,
+
+    /// `limit` of every `locks` request of the `locks` mix and of `--poll-locks`.
+    #[arg(long, default_value_t = 10_000, value_parser = parse_locks_limit)]
+    locks_limit: usize,
+
+    /// With a request mix: one more connection sends `locks` this many times a second (same
+    /// prefix and `--locks-limit`) while the clients run.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    poll_locks: Option<u32>,
+
     /// Run a mix that writes even if the server's store already holds keys under
     /// `--key-prefix`, or if the server is too old to say: those values are overwritten.
     #[arg(long)]
@@ -147,6 +168,14 @@ fn parse_key_prefix(text: &str) -> Result<String, String> {
     Ok(text.to_owned())
 }
 
+/// Checks a `--locks-limit`: the server answers `bad_request` outside 1..=100,000.
+fn parse_locks_limit(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(limit @ 1..=100_000) => Ok(limit),
+        _ => Err("a locks limit is an integer from 1 to 100000".into()),
+    }
+}
+
 /// The `n`th key of the request mixes.
 fn bench_key(prefix: &str, n: usize) -> String {
     format!("{prefix}k{n}")
@@ -161,6 +190,7 @@ enum Mix {
     Deadlock,
     Blip,
     Idle,
+    Locks,
 }
 
 impl Mix {
@@ -413,7 +443,9 @@ impl Worker {
                     1 => self.read(measure).await,
                     _ => self.write(measure).await,
                 },
-                Mix::Deadlock | Mix::Blip | Mix::Idle => return (self.stats, Some(self.conn)),
+                Mix::Deadlock | Mix::Blip | Mix::Idle | Mix::Locks => {
+                    return (self.stats, Some(self.conn))
+                }
             };
             if let Err(failure) = step {
                 self.stats.error(failure.to_string());
@@ -479,6 +511,18 @@ async fn run(args: Args) -> Result<(), String> {
             .map_or_else(|| "one per core".to_owned(), |t| t.to_string()),
         args.url
     );
+    let is_request_mix = matches!(
+        args.mix,
+        Mix::LockUnlock | Mix::Read | Mix::Write | Mix::Mixed
+    );
+    if args.poll_locks.is_some() && !is_request_mix {
+        return Err(
+            "--poll-locks goes with a request mix (lock-unlock, read, write, mixed)".into(),
+        );
+    }
+    if args.held_keys.is_some() && !is_request_mix && args.mix != Mix::Locks {
+        return Err("--held-keys goes with the locks mix or a request mix".into());
+    }
     if args.mix.writes() {
         if args.overwrite {
             println!(
@@ -494,6 +538,7 @@ async fn run(args: Args) -> Result<(), String> {
         Mix::Idle => idle(args).await,
         Mix::Deadlock => deadlock(args).await,
         Mix::Blip => blip::blip(args).await,
+        Mix::Locks => locks::locks_mix(args).await,
         _ => request_mix(args).await,
     }
 }
@@ -591,8 +636,28 @@ async fn connect_all(args: &Arc<Args>, count: usize) -> (Vec<Conn>, Stats) {
     (clients, stats)
 }
 
+/// A request mix, on a table of `--held-keys` held keys if asked, with the `--poll-locks` poller
+/// if asked.
 async fn request_mix(args: Arc<Args>) -> Result<(), String> {
-    let (clients, mut stats) = connect_all(&args, args.clients).await;
+    let held = args.held_keys.unwrap_or(0);
+    let holder = match held {
+        0 => None,
+        _ => Some(locks::Holder::take(&args, held).await?),
+    };
+    let outcome = request_mix_on(&args, held).await;
+    if let Some(holder) = holder {
+        holder.release().await;
+    }
+    check_lock_table(&args).await;
+    outcome
+}
+
+async fn request_mix_on(args: &Arc<Args>, held: usize) -> Result<(), String> {
+    let poller = match args.poll_locks {
+        Some(rate) => Some((rate, locks::Poller::open(args, rate, held).await?)),
+        None => None,
+    };
+    let (clients, mut stats) = connect_all(args, args.clients).await;
     if clients.is_empty() {
         print_errors(&stats);
         return Err("no client could connect".into());
@@ -615,6 +680,16 @@ async fn request_mix(args: Arc<Args>) -> Result<(), String> {
         };
         tasks.spawn(worker.run(window));
     }
+    let polling = poller.map(|(rate, poller)| (rate, tokio::spawn(poller.run(window))));
+    // The server's CPU over the measured window: read at its start and end (timing, not
+    // synchronisation: the clients run on regardless).
+    let mut cpu = (None, None);
+    if let Some(pid) = args.server_pid {
+        tokio::time::sleep_until(window.measure_from).await;
+        cpu.0 = read_cpu_time(pid);
+        tokio::time::sleep_until(window.end).await;
+        cpu.1 = read_cpu_time(pid);
+    }
     let mut survivors = Vec::new();
     while let Some(joined) = tasks.join_next().await {
         match joined {
@@ -628,7 +703,23 @@ async fn request_mix(args: Arc<Args>) -> Result<(), String> {
     let elapsed = stats.last_end.map_or(Duration::ZERO, |end| {
         end.saturating_duration_since(window.measure_from)
     });
-    print_throughput(&args, &stats, elapsed);
+    print_throughput(args, &stats, elapsed);
+    if let Some(pid) = args.server_pid {
+        locks::print_server_cpu(pid, cpu.0, cpu.1, "round trip", stats.round_trips);
+    }
+    let mut poll_failure = None;
+    if let Some((rate, polling)) = polling {
+        match polling.await {
+            Ok(polled) => {
+                polled.print(args, rate);
+                poll_failure = polled.failure;
+                for (op, mut samples) in polled.stats.latencies {
+                    stats.latencies.entry(op).or_default().append(&mut samples);
+                }
+            }
+            Err(error) => poll_failure = Some(format!("the poller's task failed: {error}")),
+        }
+    }
     print_latencies(&stats);
     print_errors(&stats);
     println!(
@@ -636,9 +727,11 @@ async fn request_mix(args: Arc<Args>) -> Result<(), String> {
         survivors.len(),
         args.clients
     );
-    check_lock_table(&args).await;
     close_all(survivors).await;
-    Ok(())
+    match poll_failure {
+        Some(failure) => Err(format!("the poller stopped: {failure}")),
+        None => Ok(()),
+    }
 }
 
 /// One pair of the deadlock mix, with its control connection.
@@ -970,6 +1063,47 @@ fn read_rss_kib(pid: u32) -> Option<u64> {
         .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
+/// CPU time (utime + stime, all threads) a process has used, from /proc (Linux).
+fn read_cpu_time(pid: u32) -> Option<Duration> {
+    let stat = match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat,
+        Err(error) => {
+            eprintln!("warning: cannot read /proc/{pid}/stat: {error}");
+            return None;
+        }
+    };
+    let ticks = cpu_ticks(&stat);
+    if ticks.is_none() {
+        eprintln!("warning: cannot read utime/stime from /proc/{pid}/stat");
+    }
+    let hz = clock_ticks_per_second();
+    ticks.map(|ticks| Duration::from_secs_f64(ticks as f64 / hz as f64))
+}
+
+/// The unit of the times in /proc (`USER_HZ`, 100 on nearly every Linux).
+#[cfg(unix)]
+fn clock_ticks_per_second() -> u64 {
+    // SAFETY: `sysconf` only reads a value of the C library; no memory is passed.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    u64::try_from(hz).ok().filter(|&hz| hz > 0).unwrap_or(100)
+}
+
+/// The unit of the times in /proc (which only Linux has).
+#[cfg(not(unix))]
+fn clock_ticks_per_second() -> u64 {
+    100
+}
+
+/// utime + stime (fields 14 and 15) of a /proc/PID/stat line. The command name (field 2) is in
+/// parentheses and may hold spaces and parentheses, so the fields are counted after the last `)`.
+fn cpu_ticks(stat: &str) -> Option<u64> {
+    let after_name = &stat[stat.rfind(')')? + 1..];
+    let mut fields = after_name.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some(utime + stime)
+}
+
 /// Asks the server, on a fresh connection, whether any lock is still held or queued.
 async fn check_lock_table(args: &Args) {
     let outcome = async {
@@ -1060,6 +1194,38 @@ fn print_errors(stats: &Stats) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cpu_time_is_utime_plus_stime_counted_after_the_command_name() {
+        let stat = "4242 (lock smith) S 1 2 3 4 5 6 7 8 9 10 250 50 0 0 20 0 9 0 100";
+        assert_eq!(cpu_ticks(stat), Some(300));
+        assert_eq!(cpu_ticks("garbage"), None);
+    }
+
+    #[test]
+    fn the_locks_mix_and_its_options_parse() {
+        let args = Args::try_parse_from(["locksmith-bench", "--mix", "locks"]).expect("defaults");
+        assert_eq!(args.mix, Mix::Locks);
+        assert_eq!(args.held_keys, None);
+        assert_eq!(args.locks_limit, 10_000);
+        assert!(!args.mix.writes());
+        let args = Args::try_parse_from([
+            "locksmith-bench",
+            "--held-keys",
+            "10000",
+            "--poll-locks",
+            "100",
+        ])
+        .expect("valid arguments");
+        assert_eq!((args.held_keys, args.poll_locks), (Some(10_000), Some(100)));
+        for bad in [
+            ["--locks-limit", "0"],
+            ["--locks-limit", "100001"],
+            ["--poll-locks", "0"],
+        ] {
+            assert!(Args::try_parse_from(["locksmith-bench", bad[0], bad[1]]).is_err());
+        }
+    }
 
     #[test]
     fn quantile_is_the_nearest_rank() {
