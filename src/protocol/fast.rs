@@ -20,8 +20,11 @@
 //!   borrowed strings; any other shape fails the read, and the frame goes to the reference.
 //! - A repeated field keeps its last occurrence, as the reference's `Map` does; each occurrence
 //!   is read (and validated) as it comes.
-//! - A field named with serde_json's private prefix (`$serde_json::private::Number`), which the
-//!   reference's `Value` reads as a number rather than an object, makes this path give up.
+//! - A top-level field named with serde_json's private prefix makes this path give up: the
+//!   reference's `Value` reads an object whose first name is `$serde_json::private::Number` as a
+//!   number and, with the `raw_value` feature (which axum turns on for the whole build),
+//!   `$serde_json::private::RawValue` as embedded JSON text. Nested deeper, such objects are read
+//!   as `Value`s by both paths, or fail a [`Scalar`] read.
 
 use std::borrow::Cow;
 use std::fmt;
@@ -161,13 +164,21 @@ struct Fields<'a> {
 
 /// A field name of the request object.
 enum Name {
+    /// `command`.
     Command,
+    /// `keys`.
     Keys,
+    /// `mode`.
     Mode,
+    /// `timeout_ms`.
     TimeoutMs,
+    /// `hold_lock`.
     HoldLock,
+    /// `id`.
     Id,
+    /// `values`.
     Values,
+    /// `value`.
     Value,
     /// A name the fast path does not read (its value is still read as a `Value`).
     Other,
@@ -240,7 +251,9 @@ impl<'de> Deserialize<'de> for Fields<'de> {
 /// A string, a boolean, `null` or a number: what `command`, `mode`, `hold_lock` and
 /// `timeout_ms` may be. Any other JSON fails the read.
 enum Scalar<'a> {
+    /// `null`.
     Null,
+    /// `true` or `false`.
     Bool(bool),
     /// Borrowed from the frame unless it had escapes.
     Str(Cow<'a, str>),
@@ -613,9 +626,16 @@ mod tests {
             r#"{"command":"ping","extra":{"$serde_json::private::Number":"abc"}}"#,
             r#"{"command":"ping","extra":{"$serde_json::private::Number":"5","x":1}}"#,
             r#"{"command":"lock","keys":["a"],"timeout_ms":{"$serde_json::private::Number":"05"}}"#,
+            r#"{"$serde_json::private::RawValue":"{\"command\":\"ping\"}"}"#,
+            r#"{"command":"lock","keys":["a"],"mode":{"$serde_json::private::RawValue":"\"read\""}}"#,
         ] {
             assert_fast_agrees(frame).expect("agrees");
         }
+        // Both paths read a nested raw-value object as the `Value` of its text (`raw_value` is on).
+        let embedded = r#"{"command":"ping","id":{"$serde_json::private::RawValue":"7"}}"#;
+        let request = decode_fast(embedded, LIMITS).expect("decoded");
+        assert_eq!(request.id, Some(Value::from(7)));
+        assert_fast_agrees(embedded).expect("agrees");
         assert!(decode_fast(
             r#"{"$serde_json::private::Number":"5","command":"ping"}"#,
             LIMITS
