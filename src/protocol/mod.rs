@@ -9,13 +9,22 @@
 //! [`decode`] validates everything a request can get wrong (types, missing fields, empty or
 //! duplicate keys, key count and length, value counts) before anything is locked, so an invalid
 //! request never has a partial effect.
+//!
+//! Layout: [`fast`] decodes the common requests in one pass, without a `Value` tree; a frame it
+//! does not accept goes to the reference decoder here (the whole frame read into a `Value`),
+//! which decides every error. [`encode`] writes answers straight into their `String`.
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Map, Value};
+use serde_json::{Map, Value};
 
 use uuid::Uuid;
+
+mod encode;
+mod fast;
+
+pub use encode::{encode_error, encode_reply};
 
 use crate::auth::Secret;
 use crate::lock::{CycleMember, FencingToken, Key, LockError, LockMode, SessionId, Snapshot};
@@ -436,6 +445,16 @@ pub fn decode(text: &str, limits: Limits) -> Result<Request, (Option<Value>, Ser
 /// # Errors
 /// [`Undecoded`]: the error to answer with, and the `id` and command if they could be read.
 pub fn decode_frame(text: &str, limits: Limits) -> Result<Request, Undecoded> {
+    match fast::decode_fast(text, limits) {
+        Some(request) => Ok(request),
+        None => reference_decode_frame(text, limits),
+    }
+}
+
+/// The reference decoder: the whole frame read into a `serde_json::Value`, then checked field
+/// by field. It decides every frame the fast path gives up on, hence every error and its
+/// sentence; the fast path must agree with it on every frame it accepts.
+fn reference_decode_frame(text: &str, limits: Limits) -> Result<Request, Undecoded> {
     let unreadable = |error| Undecoded {
         id: None,
         command: None,
@@ -569,6 +588,23 @@ fn keys(object: &Map<String, Value>, limits: Limits) -> Result<Vec<Key>, Service
     Ok(keys)
 }
 
+/// True when no two items have the same key: compared pairwise for a few items (no hashing),
+/// through a foldhash set above that.
+fn all_distinct<'a, T>(items: &'a [T], key: impl Fn(&'a T) -> &'a str) -> bool {
+    /// Up to this many items, the quadratic comparison is cheaper than hashing.
+    const FEW: usize = 16;
+    if items.len() <= FEW {
+        items
+            .iter()
+            .enumerate()
+            .all(|(at, item)| items[..at].iter().all(|earlier| key(earlier) != key(item)))
+    } else {
+        let mut seen =
+            HashSet::with_capacity_and_hasher(items.len(), foldhash::fast::RandomState::default());
+        items.iter().all(|item| seen.insert(key(item)))
+    }
+}
+
 /// Is `name` a valid session name: 1..=[`MAX_NAME_BYTES`] bytes without control characters?
 ///
 /// # Errors
@@ -693,294 +729,10 @@ fn write_values(object: &Map<String, Value>, key_count: usize) -> Result<Vec<Val
     Ok(values)
 }
 
-/// Encodes a successful reply.
-pub fn encode_reply(id: Option<&Value>, reply: &Reply) -> String {
-    let mut object = Map::new();
-    object.insert("success".into(), Value::Bool(true));
-    match reply {
-        Reply::Done => {}
-        Reply::Tokens(tokens) => {
-            object.insert("tokens".into(), tokens_object(tokens));
-        }
-        Reply::Values(values) => {
-            let values: Map<String, Value> = values
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.clone().unwrap_or(Value::Null)))
-                .collect();
-            object.insert("values".into(), Value::Object(values));
-        }
-        Reply::Written(tokens) => {
-            object.insert("tokens".into(), tokens_object(tokens));
-        }
-        Reply::Session(session) => {
-            object.insert("session".into(), Value::String(session.to_string()));
-        }
-        Reply::Locks {
-            snapshot,
-            taken_at,
-            sessions,
-            names,
-            suspended,
-            more,
-            limit,
-        } => {
-            object.insert(
-                "locks".into(),
-                locks_array(snapshot, *taken_at, names, suspended),
-            );
-            object.insert("more".into(), json!(more));
-            let edges: Vec<Value> = snapshot
-                .waits_for
-                .iter()
-                .take(*limit)
-                .map(|(waiter, holder)| {
-                    json!({"waiter": waiter.to_string(), "waits_for": holder.to_string()})
-                })
-                .collect();
-            object.insert("waits_for".into(), Value::Array(edges));
-            object.insert(
-                "waits_for_more".into(),
-                json!(snapshot.waits_for.len().saturating_sub(*limit)),
-            );
-            object.insert("sessions".into(), json!(sessions));
-        }
-        Reply::Hello {
-            session,
-            name,
-            resumable,
-            held,
-        } => {
-            object.insert("session".into(), Value::String(session.to_string()));
-            if let Some(name) = name {
-                object.insert("name".into(), Value::String(name.clone()));
-            }
-            object.insert("version".into(), Value::String(VERSION.into()));
-            match resumable {
-                Some((grace, secret)) => {
-                    object.insert("grace_ms".into(), json!(duration_millis(*grace)));
-                    // The one place a resume secret is written: to its own session's client.
-                    object.insert(
-                        "resume_secret".into(),
-                        Value::String(secret.reveal().into()),
-                    );
-                }
-                None => {
-                    object.insert("grace_ms".into(), json!(0));
-                }
-            }
-            if let Some(held) = held {
-                object.insert("tokens".into(), tokens_object(held));
-            }
-        }
-        Reply::Sessions { sessions, more } => {
-            let sessions = sessions.iter().map(session_object).collect();
-            object.insert("sessions".into(), Value::Array(sessions));
-            object.insert("more".into(), json!(more));
-        }
-        Reply::Deleted { tokens, deleted } => {
-            object.insert("tokens".into(), tokens_object(tokens));
-            object.insert("deleted".into(), json!(deleted));
-        }
-        Reply::Keys(page) => {
-            let keys = page.keys.iter().map(|k| Value::String(k.clone())).collect();
-            object.insert("keys".into(), Value::Array(keys));
-            let next = match (page.more, page.keys.last()) {
-                (true, Some(last)) => Value::String(last.clone()),
-                _ => Value::Null,
-            };
-            object.insert("next".into(), next);
-        }
-        Reply::Cancelled(cancelled) => {
-            object.insert("cancelled".into(), Value::Bool(*cancelled));
-        }
-    }
-    finish(object, id)
-}
-
-fn session_object(info: &SessionInfo) -> Value {
-    let mut object = Map::new();
-    object.insert("session".into(), Value::String(info.session.to_string()));
-    if let Some(name) = &info.name {
-        object.insert("name".into(), Value::String(name.clone()));
-    }
-    object.insert("peer".into(), Value::String(info.peer.to_string()));
-    object.insert("connected_ms".into(), json!(info.connected_ms));
-    object.insert("held".into(), json!(info.held));
-    let waiting = info
-        .waiting_for
-        .as_ref()
-        .map_or(Value::Null, |k| Value::String(k.to_string()));
-    object.insert("waiting_for".into(), waiting);
-    let state = if info.suspended_ms.is_some() {
-        "suspended"
-    } else {
-        "connected"
-    };
-    object.insert("state".into(), Value::String(state.into()));
-    if let Some(suspended_ms) = info.suspended_ms {
-        object.insert("suspended_ms".into(), json!(suspended_ms));
-    }
-    Value::Object(object)
-}
-
-/// Encodes an error answer: `success: false`, a human `error`, the stable `code`, and the
-/// details some codes carry (`cycle` for `deadlock`, `keys` for `not_held`, `key` for `timeout`,
-/// `held`, `requested` and `limit` for `too_many_locks`).
-pub fn encode_error(id: Option<&Value>, error: &ServiceError) -> String {
-    let mut object = Map::new();
-    object.insert("success".into(), Value::Bool(false));
-    object.insert("error".into(), Value::String(error.to_string()));
-    object.insert("code".into(), Value::String(error.code().into()));
-    match error {
-        // The session names the members (`ServiceError::Deadlock`); a deadlock that reaches
-        // here without names is encoded the same way.
-        ServiceError::Lock(LockError::Deadlock { cycle }) => {
-            let unnamed: Vec<NamedMember> = cycle
-                .iter()
-                .map(|member| NamedMember {
-                    member: member.clone(),
-                    name: None,
-                })
-                .collect();
-            object.insert("cycle".into(), named_cycle_array(&unnamed));
-        }
-        ServiceError::Deadlock { cycle } => {
-            object.insert("cycle".into(), named_cycle_array(cycle));
-        }
-        ServiceError::Lock(LockError::NotHeld { keys }) => {
-            let keys = keys.iter().map(|k| Value::String(k.to_string())).collect();
-            object.insert("keys".into(), Value::Array(keys));
-        }
-        ServiceError::Lock(LockError::Timeout { key }) => {
-            object.insert("key".into(), Value::String(key.to_string()));
-        }
-        ServiceError::Lock(LockError::TooManyLocks {
-            held,
-            requested,
-            limit,
-        }) => {
-            object.insert("held".into(), json!(held));
-            object.insert("requested".into(), json!(requested));
-            object.insert("limit".into(), json!(limit));
-        }
-        _ => {}
-    }
-    finish(object, id)
-}
-
-/// The `cycle` of a deadlock answer: `[{"session": .., "waiting_for_key": .., "name": ..}, ...]`,
-/// `name` only for members that have one.
-pub fn named_cycle_array(cycle: &[NamedMember]) -> Value {
-    Value::Array(
-        cycle
-            .iter()
-            .map(|m| {
-                let mut member = json!({
-                    "session": m.member.session.to_string(),
-                    "waiting_for_key": m.member.waiting_for_key.as_str(),
-                });
-                if let (Some(name), Value::Object(fields)) = (&m.name, &mut member) {
-                    fields.insert("name".into(), Value::String(name.clone()));
-                }
-                member
-            })
-            .collect(),
-    )
-}
-
-fn tokens_object(tokens: &[(Key, FencingToken)]) -> Value {
-    Value::Object(
-        tokens
-            .iter()
-            .map(|(k, t)| (k.to_string(), json!(t.0)))
-            .collect(),
-    )
-}
-
-fn mode_name(mode: LockMode) -> &'static str {
-    match mode {
-        LockMode::Shared => "read",
-        LockMode::Exclusive => "write",
-    }
-}
-
-/// Adds `"name"` to a holder or waiter object when its session has one.
-fn with_name(mut entry: Value, session: SessionId, names: &HashMap<SessionId, String>) -> Value {
-    if let (Some(name), Value::Object(fields)) = (names.get(&session), &mut entry) {
-        fields.insert("name".into(), Value::String(name.clone()));
-    }
-    entry
-}
-
-fn millis_between(earlier: Instant, later: Instant) -> u64 {
-    duration_millis(later.saturating_duration_since(earlier))
-}
-
-fn duration_millis(duration: Duration) -> u64 {
-    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
-}
-
-fn locks_array(
-    snapshot: &Snapshot,
-    taken_at: Instant,
-    names: &HashMap<SessionId, String>,
-    suspended: &HashMap<SessionId, Instant>,
-) -> Value {
-    Value::Array(
-        snapshot
-            .keys
-            .iter()
-            .map(|key| {
-                let holders: Vec<Value> = key
-                    .holders
-                    .iter()
-                    .map(|h| {
-                        let mut holder = json!({
-                            "session": h.session.to_string(),
-                            "mode": mode_name(h.mode),
-                            "token": h.token.0,
-                            "held_ms": millis_between(h.since, taken_at),
-                        });
-                        if let (Some(since), Value::Object(fields)) =
-                            (suspended.get(&h.session), &mut holder)
-                        {
-                            fields.insert(
-                                "suspended_ms".into(),
-                                json!(millis_between(*since, taken_at)),
-                            );
-                        }
-                        with_name(holder, h.session, names)
-                    })
-                    .collect();
-                let waiters: Vec<Value> = key
-                    .queue
-                    .iter()
-                    .map(|w| {
-                        let waiter = json!({
-                            "session": w.session.to_string(),
-                            "mode": mode_name(w.mode),
-                            "upgrade": w.upgrade,
-                            "waiting_ms": millis_between(w.since, taken_at),
-                        });
-                        with_name(waiter, w.session, names)
-                    })
-                    .collect();
-                json!({"key": key.key.as_str(), "holders": holders, "waiters": waiters})
-            })
-            .collect(),
-    )
-}
-
-fn finish(mut object: Map<String, Value>, id: Option<&Value>) -> String {
-    if let Some(id) = id {
-        object.insert("id".into(), id.clone());
-    }
-    Value::Object(object).to_string()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     use proptest::prelude::*;
 
