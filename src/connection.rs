@@ -34,6 +34,7 @@ use std::collections::VecDeque;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::task::Poll;
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
@@ -521,11 +522,47 @@ async fn run<'a>(
                     }
                 }
                 Ok(request) => {
+                    let id = request.id.clone();
+                    let command = request.command.kind();
+                    let mut future: RequestFuture<'a> =
+                        Box::pin(async move { session.execute(&request).await });
+                    // Most requests are decided at once (a free lock, an unlock): polled here
+                    // with the connection's own waker, such a request is answered without
+                    // another turn of the loop. One that must wait goes in flight. During a
+                    // shutdown the loop's `select!` decides, as for any request.
+                    if !shutdown.is_cancelled() {
+                        let polled = std::future::poll_fn(|context| {
+                            Poll::Ready(future.as_mut().poll(context))
+                        })
+                        .await;
+                        if let Poll::Ready(result) = polled {
+                            *served += 1;
+                            let finished = Finished {
+                                id,
+                                command,
+                                at,
+                                result,
+                            };
+                            if let Err(ending) = answer(
+                                socket,
+                                finished,
+                                send_limit,
+                                &mut stops,
+                                after_in_flight,
+                                metrics,
+                            )
+                            .await
+                            {
+                                return ending;
+                            }
+                            continue;
+                        }
+                    }
                     *in_flight = Some(InFlight {
-                        id: request.id.clone(),
-                        command: request.command.kind(),
+                        id,
+                        command,
                         at,
-                        future: Box::pin(async move { session.execute(&request).await }),
+                        future,
                     });
                 }
                 Err(Undecoded { id, command, error }) => {
@@ -548,28 +585,9 @@ async fn run<'a>(
             result = async { match in_flight.as_mut() { Some(in_flight) => (&mut in_flight.future).await, None => std::future::pending().await } }, if in_flight.is_some() => {
                 let Some(InFlight { id, command, at, .. }) = in_flight.take() else { continue };
                 *served += 1;
-                // The kill closed the session under the request (the kill's last resort): say
-                // why it failed.
-                let result = match result {
-                    Err(ServiceError::Lock(LockError::SessionClosed)) if stops.killed.is_cancelled() => Err(ServiceError::Killed),
-                    other => other,
-                };
-                let text = match &result {
-                    Ok(reply) => protocol::encode_reply(id.as_ref(), reply),
-                    Err(error) => protocol::encode_error(id.as_ref(), error),
-                };
-                let code = code_of(&result);
-                let mut answers = std::iter::once(text).chain(std::mem::take(after_in_flight)).collect::<VecDeque<_>>();
-                let mut first = true;
-                while let Some(text) = answers.pop_front() {
-                    let sent = send_unless_stopped(socket, text, send_limit, &mut stops, after_in_flight).await;
-                    if std::mem::take(&mut first) {
-                        metrics.request(Some(command), code, at.elapsed());
-                    }
-                    if let Err(ending) = sent {
-                        after_in_flight.extend(answers);
-                        return ending;
-                    }
+                let finished = Finished { id, command, at, result };
+                if let Err(ending) = answer(socket, finished, send_limit, &mut stops, after_in_flight, metrics).await {
+                    return ending;
                 }
             }
             ending = stops.stopped() => {
@@ -671,6 +689,69 @@ async fn run<'a>(
             }
         }
     }
+}
+
+/// A request carried out, to answer.
+struct Finished {
+    /// Its id, to echo.
+    id: Option<Value>,
+    /// Its command (for the metrics).
+    command: CommandKind,
+    /// When it was decoded (for the metrics).
+    at: Instant,
+    /// Its outcome.
+    result: Result<Reply, ServiceError>,
+}
+
+/// Sends the answer of a request carried out — then the answers of the `cancel`s that withdrew
+/// it, if it was waiting — and counts it in the metrics.
+///
+/// # Errors
+/// The ending, if a kill, a takeover or a broken socket stopped the sending; the answers not yet
+/// sent are left in `after_in_flight`, for the connection's last words.
+async fn answer(
+    socket: &mut WebSocket,
+    finished: Finished,
+    send_limit: Option<Duration>,
+    stops: &mut Stops,
+    after_in_flight: &mut Vec<String>,
+    metrics: &Metrics,
+) -> Result<(), Ending> {
+    let Finished {
+        id,
+        command,
+        at,
+        result,
+    } = finished;
+    // The kill closed the session under the request (the kill's last resort): say why it
+    // failed.
+    let result = match result {
+        Err(ServiceError::Lock(LockError::SessionClosed)) if stops.killed.is_cancelled() => {
+            Err(ServiceError::Killed)
+        }
+        other => other,
+    };
+    let text = match &result {
+        Ok(reply) => protocol::encode_reply(id.as_ref(), reply),
+        Err(error) => protocol::encode_error(id.as_ref(), error),
+    };
+    let cancels = std::mem::take(after_in_flight);
+    let sent = send_unless_stopped(socket, text, send_limit, stops, after_in_flight).await;
+    metrics.request(Some(command), code_of(&result), at.elapsed());
+    let mut cancels = cancels.into_iter();
+    if let Err(ending) = sent {
+        after_in_flight.extend(cancels);
+        return Err(ending);
+    }
+    while let Some(text) = cancels.next() {
+        if let Err(ending) =
+            send_unless_stopped(socket, text, send_limit, stops, after_in_flight).await
+        {
+            after_in_flight.extend(cancels);
+            return Err(ending);
+        }
+    }
+    Ok(())
 }
 
 /// What stops a connection from serving its session any further: an administrator's `kill`,
