@@ -430,6 +430,21 @@ pub enum Reply {
     Cancelled(bool),
 }
 
+impl Reply {
+    /// How many holders and waiters the answer lists (0 but for `locks`): what its encoding
+    /// costs grows with it.
+    pub fn listed_entries(&self) -> usize {
+        match self {
+            Reply::Locks { snapshot, .. } => snapshot
+                .keys
+                .iter()
+                .map(|key| key.holders.len() + key.queue.len())
+                .sum(),
+            _ => 0,
+        }
+    }
+}
+
 /// Decodes one text frame.
 ///
 /// # Errors
