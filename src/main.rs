@@ -15,6 +15,9 @@ use locksmith::server::{self, ServerSettings};
 use locksmith::store::{MemoryStore, RedbStore, Store};
 use tracing_subscriber::EnvFilter;
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     // A client command is parsed without the server's flags, so that the server's environment
     // variables (say a `LOCKSMITH_LOCK_TIMEOUT` the server would refuse) never stop a client.
@@ -68,20 +71,17 @@ fn main() -> ExitCode {
 }
 
 /// Runs a client command. It is one connection: one thread starts faster than a pool of them.
-/// The server's runtime: a single-threaded one for `--threads 1`, else a multi-threaded one
-/// with that many workers (default: one per core).
-fn build_runtime(
-    threads: Option<std::num::NonZeroUsize>,
-) -> std::io::Result<tokio::runtime::Runtime> {
-    match threads.map(std::num::NonZeroUsize::get) {
-        Some(1) => tokio::runtime::Builder::new_current_thread()
+/// The server's runtime: a single-threaded one for `--threads 1` (the default), else a
+/// multi-threaded one with that many workers.
+fn build_runtime(threads: std::num::NonZeroUsize) -> std::io::Result<tokio::runtime::Runtime> {
+    match threads.get() {
+        1 => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build(),
-        Some(threads) => tokio::runtime::Builder::new_multi_thread()
+        threads => tokio::runtime::Builder::new_multi_thread()
             .worker_threads(threads)
             .enable_all()
             .build(),
-        None => tokio::runtime::Runtime::new(),
     }
 }
 
