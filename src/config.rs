@@ -409,7 +409,11 @@ mod tests {
         assert_eq!(config.data_dir, PathBuf::from("./data"));
         assert!(!config.in_memory);
         assert_eq!(config.max_locks_per_session, 100_000);
-        assert_eq!(config.threads.get(), 1, "a single-threaded server by default");
+        assert_eq!(
+            config.threads.get(),
+            1,
+            "a single-threaded server by default"
+        );
         let config = Config::try_parse_from(["locksmith", "--max-locks-per-session", "3"])
             .expect("a limit parses");
         assert_eq!(config.max_locks_per_session, 3);

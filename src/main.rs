@@ -15,6 +15,8 @@ use locksmith::server::{self, ServerSettings};
 use locksmith::store::{MemoryStore, RedbStore, Store};
 use tracing_subscriber::EnvFilter;
 
+/// The allocator of the server and the command-line client: it keeps freed memory for reuse
+/// where glibc's returned big buffers to the kernel after every `locks` answer (Cargo.toml).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
