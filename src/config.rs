@@ -112,7 +112,10 @@ pub struct Config {
     /// thread, as Redis does: the cheapest per request, since no request wakes another thread.
     /// More spread the connections' work (WebSocket framing, JSON) over cores, at about a tenth
     /// more CPU per request; the lock table stays one critical section whatever the count. Big
-    /// `locks` answers and the durable store's commits run on threads of their own either way.
+    /// `locks` answers and the durable store's commits run on threads of their own either way;
+    /// what runs inside the lock table's critical section (a snapshot, closing a session that
+    /// holds many locks) holds every lock request up whatever the count, and with one thread
+    /// the other requests too.
     #[arg(long, env = "LOCKSMITH_THREADS", default_value = "1")]
     pub threads: std::num::NonZeroUsize,
 

@@ -760,6 +760,7 @@ const ENCODE_ELSEWHERE_ENTRIES: usize = 500;
 
 /// Encodes an answer — a big `locks` answer on a blocking thread (see
 /// [`ENCODE_ELSEWHERE_ENTRIES`]), or here if the blocking pool does not run it (at shutdown).
+/// A panic there (none is known) is carried on here, as if the encoding had run here.
 async fn encode_answer(id: Option<Value>, result: Result<Reply, ServiceError>) -> String {
     fn encode(id: Option<&Value>, result: &Result<Reply, ServiceError>) -> String {
         match result {
@@ -775,6 +776,7 @@ async fn encode_answer(id: Option<Value>, result: Result<Reply, ServiceError>) -
     let shared = Arc::clone(&answer);
     match tokio::task::spawn_blocking(move || encode(shared.0.as_ref(), &shared.1)).await {
         Ok(text) => text,
+        Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
         Err(_) => encode(answer.0.as_ref(), &answer.1),
     }
 }

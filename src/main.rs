@@ -72,7 +72,6 @@ fn main() -> ExitCode {
     }
 }
 
-/// Runs a client command. It is one connection: one thread starts faster than a pool of them.
 /// The server's runtime: a single-threaded one for `--threads 1` (the default), else a
 /// multi-threaded one with that many workers.
 fn build_runtime(threads: std::num::NonZeroUsize) -> std::io::Result<tokio::runtime::Runtime> {
@@ -87,6 +86,7 @@ fn build_runtime(threads: std::num::NonZeroUsize) -> std::io::Result<tokio::runt
     }
 }
 
+/// Runs a client command. It is one connection: one thread starts faster than a pool of them.
 fn run_client(command: ClientCommand) -> ExitCode {
     match tokio::runtime::Builder::new_current_thread()
         .enable_all()
