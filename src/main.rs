@@ -88,10 +88,7 @@ fn build_runtime(threads: std::num::NonZeroUsize) -> std::io::Result<tokio::runt
 
 /// Runs a client command. It is one connection: one thread starts faster than a pool of them.
 fn run_client(command: ClientCommand) -> ExitCode {
-    match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    match build_runtime(std::num::NonZeroUsize::MIN) {
         Ok(runtime) => runtime.block_on(locksmith::cli::run(command)),
         Err(error) => {
             eprintln!("locksmith: cannot start the runtime: {error}");
